@@ -1,5 +1,20 @@
-"""liptorch: Lipschitz-bounded neural networks with sound certified robustness."""
-from .lipschitz import lipschitz_bound
+"""liptorch: Lipschitz-bounded neural networks with sound certified robustness.
+
+Floors, lowest first (a floor never imports a higher one):
+``ops`` (pure math) → ``nn`` (layers) → ``models`` (zoo) → ``certify`` / ``lipschitz``
+(analysis) → ``train`` / ``data`` (engine) → ``cli``.
+"""
+from .certify import certified_accuracy, certified_radius
+from .nn.bounds import lipschitz_bound
 
 __version__ = "0.1.0"
-__all__ = ["lipschitz_bound", "__version__"]
+
+
+def load_checkpoint(path_or_run_dir):
+    """Rebuild a trained model from a run directory or checkpoint file, in eval mode."""
+    from .train import load_checkpoint as _load
+
+    return _load(path_or_run_dir)
+
+
+__all__ = ["certified_accuracy", "certified_radius", "lipschitz_bound", "load_checkpoint", "__version__"]
