@@ -110,13 +110,13 @@ def cmd_train(args) -> int:
 def cmd_certify(args) -> int:
     from .certify import certified_accuracy, parse_eps
     from .checkpoint import read_checkpoint
-    from .data import load_dataset
+    from .data import dataset_info, load_dataset
     from .report import format_table
     from .train import TrainConfig, build_model_from_checkpoint
 
     state = read_checkpoint(args.run_dir)
     cfg = TrainConfig.from_dict(state["config"])
-    data = args.data or cfg.data
+    data = dataset_info(args.data).name if args.data else cfg.data
     if data != state["data_info"]["name"]:
         raise ValueError(f"run {args.run_dir} was trained on {state['data_info']['name']!r}, not {data!r}")
     model = build_model_from_checkpoint(state).to(args.device)

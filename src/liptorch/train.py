@@ -225,19 +225,47 @@ class _Progress:
             self.bar.close()
 
 
+# ----------------------------------------------------------------------------- distributed
+def _dist_env() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; (0, 1) when not distributed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    rank, world = _dist_env()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world
+
+
+class _FeaturesAndLogits(nn.Module):
+    """Forward returning (features, logits), so DDP sees one forward per step."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        m = self.model
+        if hasattr(m, "features") and hasattr(m, "head"):
+            h = m.features(x)
+            return h, m.head(h)
+        return None, m(x)
+
+
 # ----------------------------------------------------------------------------- the loop
-def _loss_fn(cfg: TrainConfig, model: nn.Module, lip: float) -> Callable:
+def _loss_fn(cfg: TrainConfig, model: nn.Module, lip: float, forward: nn.Module) -> Callable:
     margin = cfg.margin if cfg.margin is not None else math.sqrt(2.0) * cfg.eps_train * lip
     offset = cfg.offset if cfg.offset is not None else 2.0 * math.sqrt(2.0) * cfg.eps_train * lip
     head_cert = hasattr(model, "head") and hasattr(model.head, "certificate") and hasattr(model, "feature_bound")
     lip_f = model.feature_bound() if head_cert else None
 
     def compute(xb, yb):
-        if head_cert:
-            h = model.features(xb)
-            logits = model.head(h)
-        else:
-            logits = model(xb)
+        h, logits = forward(xb)
         if cfg.loss == "hinge":
             loss = hinge_loss(logits, yb, margin)
         elif cfg.loss == "offset-ce":
@@ -267,6 +295,26 @@ def _model_lipschitz(model: nn.Module) -> float:
         return 1.0
 
 
+def _budget_spent(seconds: float, budget: float, world: int, device=None) -> bool:
+    """All ranks stop on the same step: rank 0's clock decides."""
+    spent = seconds >= budget
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if spent else 0.0], device=device)
+        dist.broadcast(flag, src=0)
+        spent = bool(flag.item())
+    return spent
+
+
+def _all_reduce_sums(device, *values: float):
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return tuple(t.tolist())
+
+
 def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, device) -> tuple[float, float]:
     res = certified_accuracy(model, x.to(device), y.to(device), [eps], tau=None)
     return res["clean_accuracy"], next(iter(res["certified_accuracy"].values()))
@@ -283,6 +331,13 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but CUDA is not available")
+    rank, world = _init_distributed(device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    main_rank = rank == 0
+    if not main_rank:
+        log = lambda *_a, **_k: None  # noqa: E731  (only rank 0 talks and writes)
     ckpt_path = out / "checkpoint.pt"
     state = None
     if resume:
@@ -291,20 +346,25 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
         # The saved run's settings win, except where to write and how to display.
         saved.out, saved.progress, saved.device = cfg.out, cfg.progress, cfg.device
         cfg = saved.validate()
-    out.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
 
     if splits is None:
         splits = load_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                               limit_train=cfg.limit_train, limit_test=cfg.limit_test)
     data_info = _data_info_dict(splits.info)
     x_train, y_train = splits.train
-    augment = "crop-flip" if cfg.data.startswith("cifar") else None
-    batches = BatchIterator(x_train, y_train, cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed)
+    augment = splits.info.augment
+    batches = BatchIterator(x_train, y_train, cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed,
+                            rank=rank, world_size=world)
     eval_x, eval_y = splits.val if splits.val is not None else splits.test
     eval_name = "val" if splits.val is not None else "test"
 
     _set_seed(cfg.seed)
     model = _build_model(cfg.model, cfg.model_args, data_info).to(device)
+    forward: nn.Module = _FeaturesAndLogits(model)
+    if world > 1:
+        forward = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     opt = _make_optimizer(model, cfg)
     start_epoch, step, elapsed = 0, 0, 0.0
     metrics_path = out / "metrics.jsonl"
@@ -317,12 +377,12 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
         lip0 = float(state["scheduler_state"]["lip0"])
         _set_rng_state(state["rng"])
         # Drop metric lines of epochs after the checkpoint (a killed run may have logged more).
-        if metrics_path.exists():
+        if main_rank and metrics_path.exists():
             lines = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
             kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= start_epoch]
             metrics_path.write_text("".join(k + "\n" for k in kept))
         log(f"resumed {ckpt_path} at epoch {start_epoch}")
-    elif metrics_path.exists():
+    elif main_rank and metrics_path.exists():
         metrics_path.unlink()
 
     steps_per_epoch = len(batches)
@@ -342,10 +402,10 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
     while True:
         if cfg.budget is None and epoch >= cfg.epochs:
             break
-        if cfg.budget is not None and elapsed >= cfg.budget:
+        if cfg.budget is not None and _budget_spent(elapsed, cfg.budget, world, device):
             break
         model.train()
-        loss_fn = _loss_fn(cfg, model, lip0)
+        loss_fn = _loss_fn(cfg, model, lip0, forward)
         t0 = time.perf_counter()
         tot_loss, tot_correct, tot_n = 0.0, 0, 0
         bar = _Progress(cfg.progress, steps_per_epoch, f"epoch {epoch + 1}")
@@ -372,10 +432,12 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
             tot_correct += int((logits.argmax(1) == yb).sum())
             tot_n += n
             bar.update(loss=f"{tot_loss / tot_n:.4f}", acc=f"{tot_correct / tot_n:.3f}")
-            if cfg.budget is not None and elapsed + time.perf_counter() - t0 >= cfg.budget:
+            if cfg.budget is not None and _budget_spent(elapsed + time.perf_counter() - t0, cfg.budget, world, device):
                 break
         bar.close()
         epoch_time = time.perf_counter() - t0
+        if world > 1:
+            tot_loss, tot_correct, tot_n = _all_reduce_sums(device, tot_loss, tot_correct, tot_n)
         elapsed += epoch_time
         epoch += 1
         row = {
@@ -387,6 +449,8 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
             "epoch_seconds": epoch_time,
             "train_seconds": elapsed,
         }
+        if not main_rank:
+            continue
         if cfg.eval_every and (epoch % cfg.eval_every == 0):
             clean, cert = _evaluate(model, eval_x, eval_y, eval_eps, device)
             row[f"{eval_name}_accuracy"] = clean
@@ -413,6 +477,12 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
         log(msg)
 
     model.eval()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if not main_rank:
+            return {}
     from .report import write_report
 
     return write_report(model, cfg, splits, data_info, out, epochs=epoch, train_seconds=elapsed, device=device, log=log)
