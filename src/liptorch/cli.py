@@ -173,8 +173,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit status 2."""
+
+    def error(self, message):  # noqa: D401
+        self.exit(2, f"liptorch: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="liptorch", description="Lipschitz networks with sound certified robustness")
+    parser = _Parser(prog="liptorch", description="Lipschitz networks with sound certified robustness")
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("train", help="train + certify a model (the default command)")
@@ -212,10 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        argv = ["train"]
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["train"] + argv  # `liptorch [train options]` is `liptorch train ...`
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its one line
+        return int(exc.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -32,6 +32,13 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "bcop-small"
+DEFAULT_EPS = {
+    "digits": "0.1,0.25,0.5,1.0",
+    "mnist": "0.5,1.0,1.58",
+    "fashion-mnist": "0.5,1.0,1.58",
+    "cifar10": "36/255,72/255,108/255",
+    "cifar100": "36/255,72/255,108/255",
+}
 SCHEDULES = ("constant", "multistep", "exponential", "triangular", "onecycle", "cosine")
 LOSSES = ("hinge", "offset-ce", "ce")
 
@@ -67,7 +74,7 @@ class TrainConfig:
     val_fraction: float = 0.0
     limit_train: int | None = None
     limit_test: int | None = None
-    eval_eps: str = ",".join(STANDARD_EPS)
+    eval_eps: str | None = None  # default by data set (DEFAULT_EPS)
     eval_every: int = 1
     progress: bool = True
 
@@ -90,6 +97,8 @@ class TrainConfig:
             raise ValueError("--weight-decay, --cr and --eps-train must be >= 0")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.eval_eps is None:
+            self.eval_eps = DEFAULT_EPS.get(self.data, ",".join(STANDARD_EPS))
         parse_eps(self.eval_eps)
         return self
 
@@ -428,7 +437,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
             opt.step()
             step += 1
             n = yb.shape[0]
-            tot_loss += float(loss) * n
+            tot_loss += float(loss.detach()) * n
             tot_correct += int((logits.argmax(1) == yb).sum())
             tot_n += n
             bar.update(loss=f"{tot_loss / tot_n:.4f}", acc=f"{tot_correct / tot_n:.3f}")
