@@ -180,6 +180,186 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"liptorch: error: {message} (see {self.prog} --help)\n")
 
 
+def _load_run(run_dir, device="cpu", limit_test=None, data_dir=None):
+    from .checkpoint import read_checkpoint
+    from .data import load_dataset
+    from .train import TrainConfig, build_model_from_checkpoint
+
+    state = read_checkpoint(run_dir)
+    cfg = TrainConfig.from_dict(state["config"])
+    model = build_model_from_checkpoint(state).to(device)
+    splits = load_dataset(cfg.data, data_dir=data_dir or cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                          limit_test=limit_test)
+    return state, cfg, model, splits
+
+
+def _capture_inputs(model, x):
+    """Inputs seen by every direct child of the feature and head containers."""
+    from torch import nn
+
+    seen, hooks = {}, []
+    for container in (model.features, model.head):
+        children = list(container.children()) if isinstance(container, nn.Sequential) else [container]
+        for mod in children:
+            hooks.append(mod.register_forward_pre_hook(lambda m, a: seen.setdefault(m, a[0].detach())))
+    try:
+        import torch
+
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def cmd_verify(args) -> int:
+    import math
+
+    from .empirical import layer_lower_bound, lower_bound
+
+    state, cfg, model, splits = _load_run(args.run_dir, args.device, limit_test=args.points, data_dir=args.data_dir)
+    model.eval()
+    x = splits.test[0][: args.points].to(args.device)
+    inputs = _capture_inputs(model, x[: min(8, len(x))])
+    rows = []
+    for row in model.layer_report():
+        mod = row.pop("module")
+        lower = math.nan
+        if mod in inputs and any(True for _ in mod.parameters()):
+            lower = layer_lower_bound(mod, inputs[mod], iters=args.iters)
+        elif mod in inputs:
+            lower = float("nan")
+        row["lower"] = lower
+        row["tightness_percent"] = 100 * lower / row["bound"] if row["bound"] and not math.isnan(lower) else math.nan
+        rows.append(row)
+    head_cert = hasattr(model.head, "certified_radius")
+    target = model.features if head_cert else model
+    upper = model.feature_bound() if head_cert else model.lipschitz_bound()
+    lower = lower_bound(target, x, steps=args.steps, restarts=args.restarts)
+    result = {
+        "run": str(args.run_dir), "model": state["model_name"], "bracket_of": "features" if head_cert else "logits",
+        "lower_bound": lower, "upper_bound": upper, "tightness_percent": 100 * lower / upper, "sound": lower <= upper,
+        "layers": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows],
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("| layer | type | input size | bound (explicit operator) | empirical lower | tightness % |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            size = "x".join(map(str, r["input_size"])) if r["input_size"] else "-"
+            lo = "-" if math.isnan(r["lower"]) else f"{r['lower']:.6f}"
+            ti = "-" if math.isnan(r["tightness_percent"]) else f"{r['tightness_percent']:.2f}"
+            print(f"| {r['name']} | {r['type']} | {size} | {r['bound']:.7f} | {lo} | {ti} |")
+        print(f"\nwhole model ({result['bracket_of']}): {lower:.6f} <= L <= {upper:.7f}  (tightness {result['tightness_percent']:.2f} %)")
+    if lower > upper:
+        print("liptorch: error: the empirical lower bound exceeds the certified bound: the model is NOT sound", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_attack(args) -> int:
+    import torch
+
+    from .attacks import attack_certificates
+    from .certify import certified_radius
+
+    state, cfg, model, splits = _load_run(args.run_dir, args.device, limit_test=args.points, data_dir=args.data_dir)
+    x, y = splits.test
+    x, y = x[: args.points].to(args.device), y[: args.points].to(args.device)
+    pred, radius = certified_radius(model, x)
+    correct = pred == y.cpu()
+    res = attack_certificates(model, x, radius.to(x.dtype).to(args.device), pred=pred.to(args.device),
+                              steps=args.steps, restarts=args.restarts,
+                              generator=torch.Generator(device=args.device).manual_seed(0))
+    attacked = res["attacked"].cpu() & correct
+    ratio = res["ratio"].cpu()[attacked]
+    finite = ratio[torch.isfinite(ratio)]
+    out = {
+        "run": str(args.run_dir), "points": int(x.shape[0]), "certified_points": int(attacked.sum()),
+        "violations": int(res["violations"].cpu()[attacked].sum()),
+        "ratio_min": float(finite.min()) if finite.numel() else None,
+        "ratio_median": float(finite.median()) if finite.numel() else None,
+        "ratio_max": float(finite.max()) if finite.numel() else None,
+        "no_adversarial_found": int((~torch.isfinite(ratio)).sum()),
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{out['certified_points']} certified test points attacked (PGD at 0.999 r + min-norm attack)")
+        if finite.numel():
+            print(f"smallest adversarial distance / certified radius: min {out['ratio_min']:.4f}, "
+                  f"median {out['ratio_median']:.4f}, max {out['ratio_max']:.4f}")
+        print(f"violations (adversarial inside a certified radius): {out['violations']}")
+    return 1 if out["violations"] else 0
+
+
+def cmd_toy(args) -> int:
+    from .toy import run_toy
+
+    rows = run_toy(gammas=[float(g) for g in args.gammas.split(",")], epochs=args.epochs, seed=args.seed)
+    print("| gamma | model | params | test MSE | certified bound | empirical lower | tightness % | max slope |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['gamma']:g} | {r['model']} | {r['parameters']:,} | {r['test_mse']:.4f} | {r['certified_bound']:.4f} "
+              f"| {r['empirical_lower_bound']:.4f} | {r['tightness_percent']:.1f} | {r['max_slope']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _load_samples(spec: str, data_dir=None):
+    import numpy as np
+    import torch
+
+    path = Path(spec)
+    if spec.endswith(".npy"):
+        if not path.is_file():
+            raise ValueError(f"no such file: {spec}")
+        return torch.as_tensor(np.load(path, allow_pickle=False), dtype=torch.float32)
+    if spec.endswith(".pt"):
+        if not path.is_file():
+            raise ValueError(f"no such file: {spec}")
+        t = torch.load(path, weights_only=True)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{spec} must hold a single tensor of samples")
+        return t.float()
+    if ":" not in spec:
+        raise ValueError(f"sample spec must be DATASET:CLASS, FILE.npy or FILE.pt, got {spec!r}")
+    from .data import load_dataset
+
+    name, cls = spec.rsplit(":", 1)
+    splits = load_dataset(name, data_dir=data_dir)
+    x, y = splits.train
+    try:
+        k = int(cls)
+    except ValueError:
+        raise ValueError(f"class in {spec!r} must be an integer") from None
+    sel = x[y == k]
+    if sel.shape[0] == 0:
+        raise ValueError(f"{name} has no training samples of class {k}")
+    return sel
+
+
+def cmd_wasserstein(args) -> int:
+    from .wasserstein import estimate
+
+    p = _load_samples(args.p, args.data_dir)
+    q = _load_samples(args.q, args.data_dir)
+    if args.limit:
+        p, q = p[: args.limit], q[: args.limit]
+    res = estimate(p, q, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device)
+    out = res.as_dict()
+    out.pop("history")
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"W1({args.p}, {args.q}) >= {res.estimate:.4f}  (95% CI {res.ci_low:.4f} .. {res.ci_high:.4f}; "
+              f"critic bound {res.lipschitz_bound:.6f}; held-out samples)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="liptorch", description="Lipschitz networks with sound certified robustness")
     sub = parser.add_subparsers(dest="command")
@@ -214,6 +394,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--markdown", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("verify", help="per-layer bounds vs empirical lower bounds of a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--points", type=int, default=64)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--restarts", type=int, default=4)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("attack", help="attack every certified test point; report distance / radius")
+    p.add_argument("run_dir")
+    p.add_argument("--points", type=int, default=200)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--restarts", type=int, default=3)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("toy", help="square-wave tightness experiment of the Sandwich paper")
+    p.add_argument("--gammas", default="1,5,10")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_toy)
+
+    p = sub.add_parser("wasserstein", help="estimate W1 between two sample sets with a 1-Lipschitz critic")
+    p.add_argument("--p", required=True, help="DATASET:CLASS, FILE.npy or FILE.pt")
+    p.add_argument("--q", required=True)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--limit", type=int, default=None, help="use at most this many samples of each")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_wasserstein)
     return parser
 
 
