@@ -98,3 +98,55 @@ def run_layer_benchmark(batch=64, channels=64, size=16, kernel=3, rounds=15, thr
         else:
             print_fn(f"{name:<26} {1e3 * t['train']:>10.2f} {tr:>6.2f}x {1e3 * t['eval']:>10.2f} {ev:>6.2f}x")
     return res
+
+
+BUDGET_MODELS = {
+    # family: (zoo model, model args, recipe)
+    "Sandwich": ("sandwich-kwl-s", {}, {"loss": "offset-ce", "eps_train": 1.0, "lr": 0.005}),
+    "BCOP": ("bcop-large", {}, {"loss": "offset-ce", "eps_train": 1.0, "lr": 0.001}),
+    "SOC": ("soc-lipconvnet-5", {"width": 16}, {"loss": "offset-ce", "eps_train": 1.0, "lr": 0.001}),
+    "Bjorck": ("bjorck-fc3", {}, {"loss": "offset-ce", "eps_train": 1.0, "lr": 0.001}),
+}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux: process-wide peak
+
+
+def run_budget_benchmark(budget: float, data: str = "fashion-mnist", out_dir: str = "runs/budget", device: str = "cpu",
+                         families=None, data_dir=None, batch_size: int = 256, print_fn=print, threads: int | None = None) -> list[dict]:
+    """Train each layer family in a comparable architecture for the same wall-clock budget
+    ("1-Lipschitz Layers Compared" method) and tabulate clean / certified accuracy."""
+    import json
+    from pathlib import Path
+
+    from .data import load_dataset
+    from .train import TrainConfig, train
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    splits = load_dataset(data, data_dir=data_dir)
+    rows = []
+    for family in families or BUDGET_MODELS:
+        if family not in BUDGET_MODELS:
+            raise ValueError(f"unknown family {family!r}; choose from {', '.join(BUDGET_MODELS)}")
+        model, margs, recipe = BUDGET_MODELS[family]
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        cfg = TrainConfig(data=data, model=model, model_args=dict(margs), budget=budget, batch_size=batch_size,
+                          device=device, out=str(Path(out_dir) / family.lower()), progress=False, eval_every=0, **recipe)
+        report = train(cfg, log=lambda m: None, splits=splits)
+        per_epoch = report["train_seconds"] / max(report["epochs"], 1)
+        row = {"family": family, "model": model, "model_args": margs, **{k: report[k] for k in ("clean_accuracy", "certified_accuracy", "epochs", "train_seconds", "parameters")},
+               "seconds_per_epoch": per_epoch, "peak_memory_mb": _peak_memory_mb(dev), "lipschitz_bound": report["lipschitz_bound"]}
+        rows.append(row)
+        cert = " / ".join(f"{100 * v:.1f}" for v in row["certified_accuracy"].values())
+        print_fn(f"| {family} | {model} | {row['parameters']:,} | {100 * row['clean_accuracy']:.1f} | {cert} | {row['epochs']} | {per_epoch:.1f} | {row['peak_memory_mb']:.0f} |")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "budget.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows

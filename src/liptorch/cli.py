@@ -166,7 +166,18 @@ def cmd_models(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_layer_benchmark
+    from .bench import run_budget_benchmark, run_layer_benchmark
+
+    if args.budget is not None:
+        if not args.budget > 0:
+            raise ValueError(f"--budget must be a positive number of seconds, got {args.budget}")
+        fams = args.families.split(",") if args.families else None
+        print(f"budget benchmark: {args.budget:g} s per model on {args.data} ({args.device})")
+        print("| family | model | params | clean | certified (" + args.data + " radii) | epochs | s/epoch | peak MB |")
+        print("|---|---|---|---|---|---|---|---|")
+        run_budget_benchmark(args.budget, data=args.data, out_dir=args.out, device=args.device, families=fams,
+                             data_dir=args.data_dir, threads=args.threads)
+        return 0
 
     run_layer_benchmark(batch=args.batch, channels=args.channels, size=args.size, kernel=args.kernel,
                         rounds=args.rounds, threads=args.threads, device=args.device, markdown=args.markdown)
@@ -393,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--budget", type=float, default=None, help="instead: train each family for this many seconds")
+    p.add_argument("--data", default="fashion-mnist", help="data set of the budget benchmark")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--families", default=None, help="comma list of Sandwich,BCOP,SOC,Bjorck (budget benchmark)")
+    p.add_argument("--out", default="runs/budget", help="run directory of the budget benchmark")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("verify", help="per-layer bounds vs empirical lower bounds of a trained run")
