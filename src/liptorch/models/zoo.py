@@ -60,7 +60,14 @@ def lbdn_mlp(in_channels, image_size, num_classes, gamma=1.0, hidden=(256, 256, 
         head_mod = LLNLinear(widths[-1], num_classes)
     else:
         raise ValueError(f"lbdn-mlp head must be 'global' or 'lln', got {head!r}")
-    return LipschitzClassifier(features, head_mod, (in_channels, *image_size), num_classes)
+    return _nominal(LipschitzClassifier(features, head_mod, (in_channels, *image_size), num_classes), gamma)
+
+
+def _nominal(model: LipschitzClassifier, value: float) -> LipschitzClassifier:
+    """Record the bound the architecture is designed to have (the certificates always
+    use the measured guaranteed bound instead)."""
+    model.nominal_bound = float(value)
+    return model
 
 
 def _sandwich_kwl(width: int):
@@ -90,7 +97,7 @@ def _sandwich_kwl(width: int):
             head_mod = LLNLinear(f, num_classes)
         else:
             raise ValueError(f"sandwich-kwl head must be 'global' or 'lln', got {head!r}")
-        return LipschitzClassifier(nn.Sequential(*layers), head_mod, (in_channels, h, w), num_classes)
+        return _nominal(LipschitzClassifier(nn.Sequential(*layers), head_mod, (in_channels, h, w), num_classes), gamma)
 
     build.__doc__ = f"KW-Large with Sandwich layers, width x{width}"
     return build
@@ -118,7 +125,7 @@ def bcop_small(in_channels, image_size, num_classes, mean=None, std=None, bjorck
         OrthogonalLinear(32 * (h // 4) * (w // 4), 100, **kw), MaxMin(),
     )
     head = OrthogonalLinear(100, num_classes, **kw)
-    return LipschitzClassifier(features, head, (in_channels, h, w), num_classes)
+    return _nominal(LipschitzClassifier(features, head, (in_channels, h, w), num_classes), 1.0)
 
 
 @register_model("bcop-large", family="bcop", description="BCOP KW-Large: 4 BCOP convs + 3 Björck linear, MaxMin")
@@ -139,7 +146,7 @@ def bcop_large(in_channels, image_size, num_classes, mean=None, std=None, bjorck
         OrthogonalLinear(512, 512, **kw), MaxMin(),
     )
     head = OrthogonalLinear(512, num_classes, **kw)
-    return LipschitzClassifier(features, head, (in_channels, h, w), num_classes)
+    return _nominal(LipschitzClassifier(features, head, (in_channels, h, w), num_classes), 1.0)
 
 
 @register_model("bjorck-fc3", family="bcop", description="FC-3: Björck linear 1024-1024-1024 with MaxMin")
@@ -156,7 +163,7 @@ def bjorck_fc3(in_channels, image_size, num_classes, mean=None, std=None, width=
         OrthogonalLinear(width, width, **kw), MaxMin(),
     )
     head = OrthogonalLinear(width, num_classes, **kw)
-    return LipschitzClassifier(features, head, (in_channels, h, w), num_classes)
+    return _nominal(LipschitzClassifier(features, head, (in_channels, h, w), num_classes), 1.0)
 
 
 # ----------------------------------------------------------------------------- SOC LipConvnet
@@ -237,7 +244,8 @@ def _lipconvnet(depth: int):
             layers.append(nn.Flatten())
             feat = feat * spatial * spatial
             head_mod = LLNLinear(feat, num_classes) if head == "lln" else MLPHead(feat, mlp_hidden or 2 * feat, num_classes)
-        return LipschitzClassifier(nn.Sequential(*layers), head_mod, (in_channels, h, w), num_classes)
+        model = LipschitzClassifier(nn.Sequential(*layers), head_mod, (in_channels, h, w), num_classes)
+        return _nominal(model, 1.0 / (std if std is not None else 1.0))
 
     build.__doc__ = f"SOC LipConvnet-{depth}"
     return build
