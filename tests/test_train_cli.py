@@ -159,3 +159,19 @@ def test_module_entry_point_and_models_listing():
         assert name in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "liptorch", "certify", "/nonexistent"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_verify_and_attack_commands(trained_run, capsys):
+    code, out, err = run_cli(["verify", str(trained_run), "--points", "8", "--steps", "30", "--restarts", "2",
+                              "--iters", "10", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["sound"] and 0.5 < res["lower_bound"] <= res["upper_bound"]
+    convs = [r for r in res["layers"] if r["type"] == "BCOPConv2d"]
+    assert convs and all(r["lower"] <= r["bound"] for r in convs)
+    code, out, err = run_cli(["attack", str(trained_run), "--points", "30", "--steps", "30", "--restarts", "1",
+                              "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["violations"] == 0 and res["certified_points"] > 0
+    assert res["ratio_min"] is None or res["ratio_min"] >= 1.0

@@ -1,6 +1,6 @@
 """Layer benchmark: each constrained convolution against ``nn.Conv2d`` of the same shape.
 
-A *training step* is zero-grad + forward + backward of a sum loss in training mode
+A *training step* is zero-grad + forward + backward of a mean-square loss in training mode
 (so the parameter transform — Björck, Cayley, skew + rescaling — is included); an
 *eval forward* is a no-grad forward in eval mode with the cached operator.  Layers are
 interleaved round by round (every layer is timed once per round, in turn) so drifts in
@@ -50,7 +50,8 @@ def time_layers(layers: dict[str, nn.Module], x: torch.Tensor, rounds: int, warm
             _sync(device)
             t0 = time.perf_counter()
             layer.zero_grad(set_to_none=True)
-            layer(x).sum().backward()
+            x.grad = None
+            layer(x).square().mean().backward()
             _sync(device)
             t1 = time.perf_counter()
             layer.eval()
@@ -80,7 +81,9 @@ def run_layer_benchmark(batch=64, channels=64, size=16, kernel=3, rounds=15, thr
         torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     layers = {n: f().to(device) for n, f in layer_factories(channels, size, kernel).items()}
-    x = torch.randn(batch, channels, size, size, device=device)
+    # The input requires grad, as for any layer inside a network: every layer (the plain
+    # conv included) computes its input gradient in the training step.
+    x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
     res = time_layers(layers, x, rounds)
     base = res["nn.Conv2d"]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

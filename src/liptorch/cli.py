@@ -211,18 +211,14 @@ def _load_run(run_dir, device="cpu", limit_test=None, data_dir=None):
     return state, cfg, model, splits
 
 
-def _capture_inputs(model, x):
-    """Inputs seen by every direct child of the feature and head containers."""
-    from torch import nn
+def _capture_inputs(model, modules, x):
+    """The input each of ``modules`` sees when ``model`` runs on ``x``."""
+    import torch
 
     seen, hooks = {}, []
-    for container in (model.features, model.head):
-        children = list(container.children()) if isinstance(container, nn.Sequential) else [container]
-        for mod in children:
-            hooks.append(mod.register_forward_pre_hook(lambda m, a: seen.setdefault(m, a[0].detach())))
+    for mod in modules:
+        hooks.append(mod.register_forward_pre_hook(lambda m, a: seen.setdefault(m, a[0].detach())))
     try:
-        import torch
-
         with torch.no_grad():
             model(x)
     finally:
@@ -239,9 +235,10 @@ def cmd_verify(args) -> int:
     state, cfg, model, splits = _load_run(args.run_dir, args.device, limit_test=args.points, data_dir=args.data_dir)
     model.eval()
     x = splits.test[0][: args.points].to(args.device)
-    inputs = _capture_inputs(model, x[: min(8, len(x))])
+    report = model.layer_report()
+    inputs = _capture_inputs(model, [r["module"] for r in report], x[: min(8, len(x))])
     rows = []
-    for row in model.layer_report():
+    for row in report:
         mod = row.pop("module")
         lower = math.nan
         if mod in inputs and any(True for _ in mod.parameters()):

@@ -84,7 +84,7 @@ def write_report(model, cfg, splits, data_info, out: Path, epochs: int, train_se
         "median_radius": res["median_radius"],
         "lipschitz_bound": lip,
         "lipschitz_bound_of": lip_kind,
-        "lipschitz_bound_str": f"{math.nextafter(lip, math.inf):.7g}" if math.isfinite(lip) else "n/a",
+        "lipschitz_bound_str": f"{math.nextafter(lip, math.inf):.9g}" if math.isfinite(lip) else "n/a",
         "certificate_rule": head_rule,
         "n_test": res["n"],
         "epochs": epochs,

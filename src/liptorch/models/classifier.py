@@ -70,23 +70,33 @@ class LipschitzClassifier(nn.Module):
         return round_up(lf * lh)
 
     def layer_report(self) -> list[dict]:
-        """Per-module bounds, in order, with the spatial size each was bounded at."""
+        """Per-module bounds, in order, with the spatial size each was bounded at.
+
+        Sequential containers (and containers that just run a ``layers`` Sequential,
+        like LBDN) are expanded, so each constrained layer gets its own row; the whole
+        bound is the product of the rows."""
         sizes = trace_input_sizes(self, self.input_shape)
         rows = []
-        for prefix, container in (("features", self.features), ("head", self.head)):
-            children = list(container.named_children()) if isinstance(container, nn.Sequential) else [("", container)]
-            for name, mod in children:
-                try:
-                    b = module_bound(mod, sizes)
-                except ValueError:
-                    b = math.nan
-                rows.append({
-                    "name": f"{prefix}.{name}".rstrip("."),
-                    "type": type(mod).__name__,
-                    "input_size": sizes.get(mod),
-                    "bound": b,
-                    "guarantee": getattr(mod, "guarantee", "bounded"),
-                    "module": mod,
-                })
-        return rows
 
+        def visit(name: str, mod: nn.Module) -> None:
+            inner = mod if isinstance(mod, nn.Sequential) else getattr(mod, "layers", None)
+            if isinstance(inner, nn.Sequential) and (inner is mod or list(mod.children()) == [inner]):
+                for child_name, child in inner.named_children():
+                    visit(f"{name}.{child_name}", child)
+                return
+            try:
+                b = module_bound(mod, sizes)
+            except ValueError:
+                b = math.nan
+            rows.append({
+                "name": name,
+                "type": type(mod).__name__,
+                "input_size": sizes.get(mod),
+                "bound": b,
+                "guarantee": getattr(mod, "guarantee", "bounded"),
+                "module": mod,
+            })
+
+        visit("features", self.features)
+        visit("head", self.head)
+        return rows
