@@ -10,6 +10,13 @@ from .nn.bounds import lipschitz_bound
 __version__ = "0.1.0"
 
 
+def export(model):
+    """A plain-PyTorch copy of ``model`` (standard nn modules, cached operators); see liptorch.export."""
+    from .export import export as _export
+
+    return _export(model)
+
+
 def load_checkpoint(path_or_run_dir):
     """Rebuild a trained model from a run directory or checkpoint file, in eval mode."""
     from .train import load_checkpoint as _load
@@ -17,4 +24,4 @@ def load_checkpoint(path_or_run_dir):
     return _load(path_or_run_dir)
 
 
-__all__ = ["certified_accuracy", "certified_radius", "lipschitz_bound", "load_checkpoint", "__version__"]
+__all__ = ["certified_accuracy", "certified_radius", "export", "lipschitz_bound", "load_checkpoint", "__version__"]

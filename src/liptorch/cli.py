@@ -375,6 +375,24 @@ def cmd_wasserstein(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    try:
+        res = export_run(args.run_dir, args.out)
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        t = res.get("timing", {})
+        print(f"exported to {res['path']} ({res['format']}); max relative difference {res['max_rel_diff']:.2e}")
+        if t:
+            print(f"inference, batch {t['batch_size']}: original {t['original_ms']:.2f} ms, exported {t['exported_ms']:.2f} ms "
+                  f"(speed-up {t['speedup']:.2f}x)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="liptorch", description="Lipschitz networks with sound certified robustness")
     sub = parser.add_subparsers(dest="command")
@@ -436,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("export", help="export a trained run to plain PyTorch (.pt, TorchScript) or ONNX (.onnx)")
+    p.add_argument("run_dir")
+    p.add_argument("out", help="OUT.pt or OUT.onnx")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("toy", help="square-wave tightness experiment of the Sandwich paper")
     p.add_argument("--gammas", default="1,5,10")

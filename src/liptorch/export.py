@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import math
 import statistics
 import time
@@ -880,12 +881,18 @@ def _save_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
             "(and onnxruntime to check the file)"
         )
     batch = torch.export.Dim("batch", min=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module, (example,), input_names=["input"], output_names=["logits"], dynamo=True,
-            dynamic_shapes=({0: batch},), verbose=False,
-        )
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notices
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, (example,), input_names=["input"], output_names=["logits"], dynamo=True,
+                dynamic_shapes=({0: batch},), verbose=False,
+            )
+    finally:
+        onnx_log.setLevel(level)
     program.save(str(path))
 
 
@@ -911,8 +918,8 @@ def export_run(
     ``probe_batch``, ``max_abs_diff``, ``max_rel_diff`` (see :func:`compare_outputs`; on
     uniform [0, 1) probe images), and ``timing``: ``batch_size``, median ``original_ms``
     (eval mode, no grad), ``exported_ms`` (the plain module in this process),
-    ``saved_ms`` (the reloaded file: TorchScript, or onnxruntime when installed; else
-    None) and ``speedup`` = original_ms / exported_ms, from ``repeats`` interleaved runs.
+    ``saved_ms`` (the reloaded file: TorchScript, or onnxruntime with as many threads
+    as PyTorch, when installed; else None) and ``speedup`` = original_ms / exported_ms, from ``repeats`` interleaved runs.
     """
     from . import load_checkpoint
 
@@ -959,7 +966,9 @@ def export_run(
         if not _missing("onnxruntime"):
             import onnxruntime as ort
 
-            session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()  # same budget as PyTorch
+            session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
             in_name = session.get_inputs()[0].name
 
             def saved_fn(x: torch.Tensor) -> torch.Tensor:

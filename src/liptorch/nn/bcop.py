@@ -315,6 +315,11 @@ class BCOPConv2d(LipschitzModule):
     (deterministic, never touches the global RNG), ‖W‖_F or √(rows·cols).
     ``bjorck_early_stop`` stops once converged to working precision, where further
     iterations change the kernel only by rounding (:func:`bjorck_orthonormalize`).
+    The power iteration takes at most 10 steps and stops once its estimate has
+    settled (relative change < 1e-3): the scale does not change the limit.
+
+    Gradients are first order (the parameter transform has a hand-written backward);
+    double backward through the kernel is not supported.
     """
 
     guarantee = "orthogonal"

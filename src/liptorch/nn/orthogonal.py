@@ -37,7 +37,9 @@ class OrthogonalLinear(LipschitzModule):
     never touches the global RNG), ‖V‖_F (``"frobenius"``) or √(out·in) (``"sqrt"``).
     ``bjorck_early_stop`` stops the iteration once it has converged to working precision
     (:func:`liptorch.ops.orthogonalize.bjorck_orthonormalize`); ``bjorck_iters`` is the
-    maximum.
+    maximum.  The power iteration takes at most 10 steps and stops once its estimate
+    has settled.  Gradients are first order (hand-written backward through the steps
+    taken); double backward through the weight is not supported.
     """
 
     guarantee = "orthogonal"
