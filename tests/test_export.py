@@ -1,4 +1,4 @@
-"""Tests for liptorch.export: constrained models → plain PyTorch modules.
+"""Tests for liptorch.exporting (liptorch.export): constrained models → plain PyTorch modules.
 
 Every check trains the model for a couple of optimizer steps first (so the exported
 operators are not the initial ones), then compares the exported module with the
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from liptorch import export as ex
+from liptorch import exporting as ex
 from liptorch.checkpoint import save_checkpoint
 from liptorch.models import create_model
 from liptorch.nn import (
@@ -419,3 +419,14 @@ def test_fixed_modules_validate_inputs():
         ex.SkewExpConv2d(torch.zeros(2, 3, 3, 1, 1), None, 2, 3)(torch.zeros(1, 3, 2, 2))
     with pytest.raises(ValueError, match="shapes differ"):
         ex.compare_outputs(torch.zeros(2), torch.zeros(3))
+
+
+def test_top_level_export_function():
+    import liptorch
+    from liptorch.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("bcop-small", 1, (8, 8), 10).eval()
+    plain = liptorch.export(model)
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.allclose(plain(x), model(x), rtol=1e-5, atol=1e-6)

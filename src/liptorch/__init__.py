@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 
 def export(model):
-    """A plain-PyTorch copy of ``model`` (standard nn modules, cached operators); see liptorch.export."""
-    from .export import export as _export
+    """A plain-PyTorch copy of ``model`` (standard nn modules, cached operators); see liptorch.exporting."""
+    from .exporting import export as _export
 
     return _export(model)
 

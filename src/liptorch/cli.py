@@ -376,7 +376,7 @@ def cmd_wasserstein(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run
+    from .exporting import export_run
 
     try:
         res = export_run(args.run_dir, args.out)

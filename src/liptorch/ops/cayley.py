@@ -61,10 +61,11 @@ def _skew_or_herm(x: torch.Tensor, sign: float, out: torch.Tensor | None = None)
 
 
 def _adjoint(x: torch.Tensor) -> torch.Tensor:
-    """xᴴ materialised in a fresh contiguous buffer (never a view: callers modify it in
-    place, and a lazy conjugate bit would be copied by every batched GEMM using it)."""
-    out = x.mT.clone(memory_format=torch.contiguous_format)
-    return out.conj_physical_() if out.is_complex() else out
+    """xᴴ materialised in a fresh buffer in one pass (never a view: callers modify it in
+    place, and a lazy conjugate bit would be copied by every batched GEMM using it).
+    The buffer keeps the transposed layout of ``x.mT``, which GEMMs and elementwise ops
+    take as is."""
+    return torch.conj_physical(x.mT) if x.is_complex() else x.mT.clone()
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -776,7 +776,7 @@ def _export_one(module: nn.Module, ctx: _Context) -> nn.Module:
         return copy.deepcopy(module)
     raise ValueError(
         f"export: cannot export module {where!r} of type {cls.__module__}.{cls.__name__}: no exporter is "
-        "registered for it (liptorch.export.register_exporter adds one)"
+        "registered for it (liptorch.exporting.register_exporter adds one)"
     )
 
 
@@ -787,7 +787,7 @@ def _check_plain(module: nn.Module) -> None:
         if isinstance(sub, LipschitzModule) or not (_is_standard(sub) or type(sub) in FIXED_MODULES):
             raise ValueError(
                 f"export produced a non-plain module {name!r} of type {type(sub).__module__}.{type(sub).__name__}; "
-                "its exporter must return standard torch.nn modules or liptorch.export fixed modules"
+                "its exporter must return standard torch.nn modules or liptorch.exporting fixed modules"
             )
 
 
