@@ -1,5 +1,5 @@
-"""Dense linear-algebra primitives: exact spectral norms, Gram iteration, power
-iteration and Björck orthonormalisation.
+"""Dense linear-algebra primitives: exact spectral norms, Gram iteration and power
+iteration (Björck orthonormalisation lives in :mod:`liptorch.ops.orthogonalize`).
 
 Everything that is used as a *bound* (``spectral_norm``, ``gram_iteration_bound``)
 is computed in float64 and can only over-estimate; ``power_iteration`` returns a
@@ -15,7 +15,6 @@ __all__ = [
     "spectral_norm",
     "gram_iteration_bound",
     "power_iteration",
-    "bjorck",
     "round_up",
 ]
 
@@ -98,52 +97,3 @@ def power_iteration(
         u = w @ v
         u = u / u.norm().clamp_min(1e-12)
     return u @ w @ v, u, v
-
-
-def bjorck(
-    w: torch.Tensor,
-    iters: int = 20,
-    order: int = 1,
-    scale: str = "power",
-    power_iters: int = 10,
-) -> torch.Tensor:
-    """Björck–Bowie orthonormalisation of a matrix or a batch of matrices.
-
-    Iterates A ← A(I·c₀ + c₁ AᵀA + c₂ (AᵀA)²) (Taylor coefficients of (AᵀA)^{-1/2})
-    starting from A₀ = W/s, converging to the orthogonal polar factor of W while every
-    singular value of A₀ lies in (0, √3).  Wide matrices are transposed first.
-
-    ``scale`` chooses s: ``"power"`` (σ_max estimated by power iteration, no gradient,
-    the LConvNet default), ``"frobenius"`` (‖W‖_F ≥ σ_max, always safe) or ``"sqrt"``
-    (√(rows·cols), Anil et al.).  The result is only approximately orthogonal: bounds
-    must measure it (``spectral_norm``), never assume 1.
-    """
-    if order not in (1, 2):
-        raise ValueError(f"bjorck order must be 1 or 2, got {order}")
-    if iters < 0:
-        raise ValueError(f"bjorck iters must be >= 0, got {iters}")
-    wide = w.shape[-2] < w.shape[-1]
-    a = w.mT if wide else w
-    if scale == "power":
-        with torch.no_grad():
-            mats = a.reshape(-1, a.shape[-2], a.shape[-1])
-            ests = []
-            for m in mats:
-                est, _, _ = power_iteration(m, iters=power_iters)
-                ests.append(est.abs())
-            s = torch.stack(ests).reshape(a.shape[:-2] + (1, 1))
-        a = a / s.clamp_min(1e-12)
-    elif scale == "frobenius":
-        a = a / torch.linalg.matrix_norm(a, ord="fro").clamp_min(1e-12).unsqueeze(-1).unsqueeze(-1)
-    elif scale == "sqrt":
-        a = a / math.sqrt(a.shape[-2] * a.shape[-1])
-    else:
-        raise ValueError(f"bjorck scale must be 'power', 'frobenius' or 'sqrt', got {scale!r}")
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    for _ in range(iters):
-        ata = a.mT @ a
-        if order == 1:
-            a = a @ (1.5 * eye - 0.5 * ata)
-        else:
-            a = a @ (1.875 * eye - 1.25 * ata + 0.375 * (ata @ ata))
-    return a.mT if wide else a
