@@ -136,8 +136,22 @@ class _Linearisation:
                 self._u = torch.zeros_like(out, requires_grad=True)
                 (self._jt_u,) = torch.autograd.grad(out, xg, self._u, create_graph=True)
                 self._xg, self._out = xg, out
+            try:
+                self.jvp(torch.zeros_like(self.x))
+            except RuntimeError:
+                # No double backward either (custom autograd Functions): J v by central
+                # differences.  Only the search direction uses it; the reported value is
+                # an exact ‖Jᵀu‖ (see _power_iteration), so the result stays a lower bound.
+                self.mode = "fd"
+
+    def _fd_jvp(self, v: torch.Tensor) -> torch.Tensor:
+        h = 1e-4 if self.x.dtype == torch.float64 else 1e-2
+        with torch.no_grad():
+            return (_output(self.model, self.x + h * v) - _output(self.model, self.x - h * v)) / (2 * h)
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        if self.mode == "fd":
+            return self._fd_jvp(v)
         if self.mode == "func":
             return torch.func.jvp(lambda inp: _output(self.model, inp), (self.x,), (v,))[1].detach()
         with torch.enable_grad():
@@ -161,6 +175,10 @@ def _power_iteration(model: nn.Module, x: torch.Tensor, iters: int, generator) -
         w_unit = _normalise(w)
         # keep the previous vector where Jᵀ J v vanished (J = 0 there)
         v = torch.where(_bc(_norms(w) > 0, v), w_unit, v)
+    if lin.mode == "fd":
+        # ‖Jᵀu‖ ≤ σ_max for unit u: exact through the VJP, whatever the search did.
+        u = _normalise(lin.jvp(v))
+        return _norms(lin.vjp(u))
     return _norms(lin.jvp(v))
 
 

@@ -206,10 +206,10 @@ def _rfft2_adjoint_even(gv: torch.Tensor, h: int, w: int) -> torch.Tensor:
     rows, idx, cb = _half_length_constants(h, w, gv.dtype, gv.device)
     zbuf = torch.empty((n, c, h, m), dtype=gv.dtype, device=gv.device)
     zv = zbuf.permute(2, 3, 0, 1)  # (H, M, N, C) view of the NCHW buffer
-    c0, cm = gv[:, 0], gv[:, m]
-    c0s = c0 + c0.index_select(0, rows).conj_physical_()
-    cms = cm + cm.index_select(0, rows).conj_physical_()
-    torch.lerp(c0s, cms, torch.tensor(0.5 - 0.5j, dtype=gv.dtype, device=gv.device), out=zv[:, 0])
+    # columns 0 and M together: Ĉ = c + conj(c[−f₁]) for both, one gather
+    pair_idx = (rows.view(h, 1) * wf + torch.tensor([0, m], device=gv.device).view(1, 2)).reshape(-1)
+    sym = gv[:, ::m] + gv.reshape(h * wf, n, c).index_select(0, pair_idx).conj_physical_().view(h, 2, n, c)
+    torch.lerp(sym[:, 0], sym[:, 1], torch.tensor(0.5 - 0.5j, dtype=gv.dtype, device=gv.device), out=zv[:, 0])
     if m > 1:
         mirrored = gv.reshape(h * wf, n, c).index_select(0, idx).conj_physical_().view(h, m - 1, n, c)
         torch.lerp(gv[:, 1:m], mirrored, cb, out=zv[:, 1:])

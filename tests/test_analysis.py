@@ -1,0 +1,83 @@
+"""Sound analysis: upper bounds dominate exact Jacobian norms; lower ≤ upper; a model
+whose operator is tampered with behind the bound's back is caught."""
+import pytest
+import torch
+from torch import nn
+
+import liptorch
+from liptorch.empirical import jacobian_norm_lower_bound, lower_bound
+from liptorch.lipschitz import upper_bound
+from liptorch.nn import BCOPConv2d, LBDN, MaxMin, OrthogonalLinear, SandwichConv2d, SOCConv2d
+
+
+def small_models():
+    torch.manual_seed(0)
+    return {
+        "bcop": (nn.Sequential(BCOPConv2d(2, 4, 3), MaxMin(), BCOPConv2d(4, 4, 2, stride=2), nn.Flatten(),
+                               OrthogonalLinear(16, 3)), (2, 4, 4)),
+        "soc": (nn.Sequential(SOCConv2d(2, 4, 3), MaxMin(), SOCConv2d(4, 4, 3, stride=2), nn.Flatten(),
+                              OrthogonalLinear(16, 3)), (2, 4, 4)),
+        "sandwich": (nn.Sequential(SandwichConv2d(2, 4, 3, 4), SandwichConv2d(4, 4, 3, 4, stride=2), nn.Flatten(),
+                                   OrthogonalLinear(16, 3)), (2, 4, 4)),
+        "lbdn": (nn.Sequential(nn.Flatten(), LBDN(32, [16, 16], 3, gamma=2.0)), (2, 4, 4)),
+    }
+
+
+def _train_a_bit(model, shape):
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(3):
+        x = torch.randn(8, *shape, dtype=torch.float64)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["bcop", "soc", "sandwich", "lbdn"])
+def test_upper_bound_dominates_exact_jacobians_and_lower_bounds(name):
+    model, shape = small_models()[name]
+    model = _train_a_bit(model.double(), shape)
+    up = upper_bound(model, input_shape=shape)
+    for _ in range(3):
+        x = torch.randn(1, *shape, dtype=torch.float64)
+        jac = torch.autograd.functional.jacobian(lambda v: model(v.reshape(1, *shape)).reshape(-1), x.reshape(-1))
+        assert torch.linalg.matrix_norm(jac, ord=2).item() <= up * (1 + 1e-9)
+    x = torch.rand(4, *shape, dtype=torch.float64)
+    lo = lower_bound(model, x, steps=60, restarts=2)
+    assert 0 < lo <= up
+
+
+def test_tampered_operator_is_detected():
+    torch.manual_seed(1)
+    model = nn.Sequential(OrthogonalLinear(12, 12), MaxMin(), OrthogonalLinear(12, 12), MaxMin(),
+                          OrthogonalLinear(12, 5)).double().eval()
+    honest = upper_bound(model)
+    x = torch.randn(16, 12, dtype=torch.float64)
+    assert lower_bound(model, x, steps=80, restarts=2) <= honest
+    # Scale the middle layer's explicit operator by 1.1 behind its bound's back.
+    layer = model[2]
+    original_apply = layer.apply_operator
+    layer.apply_operator = lambda inp, op: original_apply(inp, op * 1.1)
+    assert upper_bound(model) == honest  # the bound did not notice …
+    caught = jacobian_norm_lower_bound(model, x, iters=50)
+    assert caught > honest * 1.05  # … the bracket does: lower > upper flags the model as unsound
+
+
+def test_certificates_of_tampered_model_are_refuted_by_attack():
+    from liptorch.attacks import attack_certificates
+
+    torch.manual_seed(2)
+    w = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0][:4]
+    model = nn.Sequential(nn.Linear(6, 4, bias=False)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    x = torch.rand(30, 6, dtype=torch.float64)
+    pred, radius = liptorch.certified_radius(model, x, tau=0.0)
+    assert attack_certificates(model, x, radius, pred=pred, steps=40, restarts=2, clamp=None)["n_violations"] == 0
+    with torch.no_grad():
+        model[0].weight.mul_(1.1)
+    # Certify with the stale (too small) bound L = 1: the attack must refute some radii.
+    pred, radius = liptorch.certified_radius(model, x, tau=0.0, lipschitz=1.0 / 1.1 / 1.1)
+    res = attack_certificates(model, x, radius, pred=pred, steps=60, restarts=2, clamp=None)
+    assert res["n_violations"] > 0
