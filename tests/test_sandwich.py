@@ -281,15 +281,19 @@ def test_freq_major_ffts_match_torch_and_gradcheck(size):
     xh = rfft2_freq_major(x)
     ref = torch.fft.rfft2(x).permute(2, 3, 0, 1).reshape(h * wf, 2, 3)
     torch.testing.assert_close(xh, ref)
-    # inverse: equals torch's irfft2 on Hermitian-consistent spectra — a real signal's
-    # spectrum, also after a per-frequency operator with conjugate symmetry
+    # inverse: equals torch's irfft2 for every spectrum (also not Hermitian-consistent),
+    # in value and in gradient; inverts the forward; a per-frequency product is a conv
     torch.testing.assert_close(irfft2_freq_major(xh.detach(), size), x.detach())
+    y = torch.randn(h * wf, 2, 3, dtype=torch.complex128, requires_grad=True)
+    out = irfft2_freq_major(y, size)
+    ref_out = torch.fft.irfft2(y.view(h, wf, 2, 3).permute(2, 3, 0, 1), s=size)
+    torch.testing.assert_close(out, ref_out)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, y, g)[0], torch.autograd.grad(ref_out, y, g)[0])
     kernel = torch.randn(4, 3, 2, 2, dtype=torch.float64)
     spec = circular_kernel_spectrum(kernel, size).reshape(-1, 4, 3)
-    yh = torch.bmm(xh.detach(), spec.mT)
-    out = irfft2_freq_major(yh, size)
-    torch.testing.assert_close(out, torch.fft.irfft2(yh.view(h, wf, 2, 4).permute(2, 3, 0, 1), s=size))
-    torch.testing.assert_close(out, circular_conv_reference(x.detach(), kernel))
+    conv_out = irfft2_freq_major(torch.bmm(xh.detach(), spec.mT), size)
+    torch.testing.assert_close(conv_out, circular_conv_reference(x.detach(), kernel))
     # backward passes are the exact adjoints of the forward maps (any complex input)
     small_x = x[:1, :2].detach().clone().requires_grad_()
     small_y = torch.randn(h * wf, 1, 2, dtype=torch.complex128, requires_grad=True)

@@ -50,7 +50,8 @@ _POOL_LOCK = threading.Lock()
 
 def _per_slice_lapack(fn, *tensors: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``fn(*tensors)`` for a batched LAPACK call on CPU, with the batch split across
-    ``torch.get_num_threads()`` Python threads that each run single-threaded BLAS/LAPACK.
+    ``torch.get_num_threads()`` threads (the caller and pool threads) that each run
+    single-threaded BLAS/LAPACK on their slice.
 
     Torch loops over the batch calling LAPACK once per matrix, and each call opens its
     own OpenMP parallel region: on a shared CPU one descheduled worker then stalls every
@@ -67,23 +68,22 @@ def _per_slice_lapack(fn, *tensors: torch.Tensor, out: torch.Tensor | None = Non
         return fn(*tensors) if out is None else fn(*tensors, out=out)
     workers = min(nt, batch)
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < workers or _POOL_PID != os.getpid():
+        if _POOL is None or _POOL._max_workers < workers - 1 or _POOL_PID != os.getpid():
             # (a pool inherited through fork has no live threads: make a new one)
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="liptorch-lapack")
+            _POOL = ThreadPoolExecutor(max_workers=max(workers - 1, 1), thread_name_prefix="liptorch-lapack")
             _POOL_PID = os.getpid()
         pool = _POOL
         bounds = [round(i * batch / workers) for i in range(workers + 1)]
+
+        def run(i: int):
+            sl = slice(bounds[i], bounds[i + 1])
+            args = [t[sl] for t in tensors]
+            return fn(*args) if out is None else fn(*args, out=out[sl])
+
         torch.set_num_threads(1)
         try:
-            if out is None:
-                parts = list(pool.map(lambda i: fn(*(t[bounds[i] : bounds[i + 1]] for t in tensors)), range(workers)))
-            else:
-                list(
-                    pool.map(
-                        lambda i: fn(*(t[bounds[i] : bounds[i + 1]] for t in tensors), out=out[bounds[i] : bounds[i + 1]]),
-                        range(workers),
-                    )
-                )
+            futures = [pool.submit(run, i) for i in range(1, workers)]
+            parts = [run(0)] + [f.result() for f in futures]  # the calling thread takes slice 0
         finally:
             torch.set_num_threads(nt)
     return torch.cat(parts, dim=0) if out is None else out
@@ -104,16 +104,19 @@ def _addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0,
 
 def _skew_or_herm(x: torch.Tensor, sign: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """x − xᴴ (sign = −1) or x + xᴴ (sign = +1); ``out`` may be a strided view."""
+    xh = _adjoint(x, contiguous=True)  # elementwise ops with two equal layouts run fastest
     if out is None:
-        return torch.add(x, _adjoint(x), alpha=sign)
-    return torch.add(x, _adjoint(x), alpha=sign, out=out)
+        return torch.add(x, xh, alpha=sign)
+    return torch.add(x, xh, alpha=sign, out=out)
 
 
-def _adjoint(x: torch.Tensor) -> torch.Tensor:
-    """xᴴ materialised in a fresh buffer in one pass (never a view: callers modify it in
-    place, and a lazy conjugate bit would be copied by every batched GEMM using it).
-    The buffer keeps the transposed layout of ``x.mT``, which GEMMs and elementwise ops
-    take as is."""
+def _adjoint(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
+    """xᴴ materialised in a fresh buffer (never a view: callers modify it in place, and a
+    lazy conjugate bit would be copied by every batched GEMM using it).  By default the
+    buffer keeps the transposed layout of ``x.mT`` (one pass, fine for GEMMs)."""
+    if contiguous:
+        out = x.mT.clone(memory_format=torch.contiguous_format)
+        return out.conj_physical_() if out.is_complex() else out
     return torch.conj_physical(x.mT) if x.is_complex() else x.mT.clone()
 
 
@@ -181,7 +184,7 @@ class _CayleyRows(torch.autograd.Function):
         else:
             g_g = _addmm(g_at, yh, g_bht, beta=2.0)
         g_np = _mm(_mm(gh, g_g), gh)  # −g_N
-        g_nph = _adjoint(g_np)
+        g_nph = _adjoint(g_np, contiguous=True)
         grad = torch.empty_like(pt)
         torch.sub(g_nph, g_np, out=grad[..., :q, :])  # g_X = g_N − g_Nᴴ
         if p > 0:

@@ -9,28 +9,23 @@ and the layout change together, with hand-written backward passes:
 * :func:`rfft2_freq_major` — x (N, C, H, W) real  →  x̂ (F, N, C) complex, F = H·(W//2+1),
   frequency index f = f₁·(W//2+1) + f₂.  Forward DFT, unnormalised (spec convention).
 * :func:`irfft2_freq_major` — ŷ (F, N, C) complex  →  y (N, C, H, W) real, equal to
-  ``torch.fft.irfft2`` of the spectrum (divides by H·W) on every Hermitian-consistent
-  spectrum — the spectrum of a real signal, also after a per-frequency operator with
-  conjugate symmetry, which is all a circular convolution produces in exact arithmetic.
-  (For odd W it equals ``irfft2`` on every input; for even W it reads the self-paired
-  columns differently on inconsistent inputs, and its backward is the exact adjoint
-  of what it computes.)
+  ``torch.fft.irfft2`` of the spectrum (divides by H·W) for every input, including
+  spectra that are not exactly Hermitian-consistent.
 
 Why not ``torch.fft.irfft2``?  On CPU its complex-to-real path is several times slower
 than a complex-to-complex transform.  For even W the inverse here is a complex FFT of
 half the width: with W = 2M the output rows satisfy y[·, 2m] + i·y[·, 2m+1] = z[·, m],
 z = ifft2(Z) over (H, M), and Z is one ``lerp`` of the spectrum with its mirrored
-conjugate (see :func:`_irfft2_lean`); the result is a contiguous real tensor and the
+conjugate (see :func:`_irfft2_even`); the result is a contiguous real tensor and the
 transposition back to NCHW is folded into that ``lerp``.  Odd W falls back to the
 Hermitian extension and a full complex inverse.
 
 Adjoints used by the backward passes (real loss, PyTorch's complex-gradient
 convention g = ∂L/∂Re + i ∂L/∂Im):
 
-* y = irfft2(Ŷ), odd W:  ∂L/∂Ŷ[f] = w(f₂)/(H·W) · rfft2(∂L/∂y)[f], with w = 2 on the
-  interior columns (they occur twice in the Hermitian extension) and 1 on column 0;
-  even W: the adjoint of the lean inverse, again a half-width complex FFT and one
-  ``lerp`` (:func:`_irfft2_lean_adjoint`).
+* y = irfft2(Ŷ):  ∂L/∂Ŷ[f] = w(f₂)/(H·W) · rfft2(∂L/∂y)[f], with w = 2 on the interior
+  columns 1 … W−(W//2+1) (they occur twice in the Hermitian extension) and 1 on the
+  self-paired columns 0 and W/2.
 * x̂ = rfft2(x):   ∂L/∂x = Re(H·W · ifft2(zero-pad of ∂L/∂x̂ to the full W axis))
   = H·W · irfft2(∂L/∂x̂ with its interior columns halved).
 """
@@ -64,7 +59,7 @@ def _rfft2_fm_adjoint(g: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     wf = w // 2 + 1
     _, n, c = g.shape
     if w % 2 == 0:
-        return _rfft2_adjoint_even(g.view(h, wf, n, c), h, w)
+        return _irfft2_even(g.view(h, wf, n, c), h, w, adjoint=True)
     full = torch.empty((n, c, h, w), dtype=g.dtype, device=g.device)
     full[..., :wf].copy_(g.view(h, wf, n, c).permute(2, 3, 0, 1))
     if w > wf:
@@ -103,76 +98,6 @@ def _half_length_constants(h: int, w: int, dtype: torch.dtype, device) -> tuple:
     return _CONST_MEMO[key]
 
 
-def _lean_constants(h: int, w: int, dtype: torch.dtype, device) -> tuple:
-    """Indices and lerp weights of the lean even-W inverse and of its adjoint (memoised)."""
-    key = ("lean", h, w, dtype, str(device))
-    hit = _CONST_MEMO.get(key)
-    if hit is not None:
-        return hit
-    m = w // 2
-    wf = m + 1
-    rows = (-torch.arange(h, device=device)) % h
-    k = torch.arange(m, device=device)
-    # forward: Ŷ[−f₁, M−k] for k = 0 … M−1, as rows of the (F, N·C) spectrum
-    idx_fwd = (rows.view(h, 1) * wf + (m - k).view(1, -1)).reshape(-1)
-    # adjoint: Z[−f₁, M−k] for k = 1 … M, as elements of the (H·M) plane of an NCHW tensor
-    idx_adj = (rows.view(h, 1) * m + (m - 1 - k).view(1, -1)).reshape(-1)
-    j = torch.arange(m + 1, dtype=torch.float64, device=device)
-    cb = 0.5 * (1 - 1j * torch.polar(torch.ones_like(j), 2.0 * math.pi * j / w))  # cb_j = ½(1 − iωʲ), j = 0 … M
-    cb_fwd = cb[:m].to(dtype).view(1, m, 1, 1)
-    beta = cb.flip(0).to(dtype).view(1, m + 1, 1, 1)  # β_k = cb_{M−k}, k = 0 … M
-    if len(_CONST_MEMO) > 64:
-        _CONST_MEMO.clear()
-    _CONST_MEMO[key] = (idx_fwd, idx_adj, cb_fwd, beta)
-    return _CONST_MEMO[key]
-
-
-def _irfft2_lean(yv: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """y = L(Ŷ): z = ifft2(Z) over (H, M) with, for k = 0 … M−1,
-
-        Z[f₁, k] = (1 − c_k) Ŷ[f₁, k] + c_k conj(Ŷ[−f₁, M−k]),   c_k = ½(1 − iωᵏ),
-
-    and y[·, 2m] + i·y[·, 2m+1] = z[·, m]: one gather, one ``lerp`` (which also does the
-    transposition to NCHW) and one half-width complex FFT.  L equals ``irfft2`` on every
-    Hermitian-consistent spectrum (the spectrum of a real signal, or such a spectrum
-    times a conjugate-symmetric per-frequency operator); on other inputs it differs
-    from ``irfft2`` in how the self-paired columns are read, and its backward is the
-    exact adjoint of L itself (:func:`_irfft2_lean_adjoint`).
-    """
-    _, wf, n, c = yv.shape
-    m = w // 2
-    idx_fwd, _, cb_fwd, _ = _lean_constants(h, w, yv.dtype, yv.device)
-    zbuf = torch.empty((n, c, h, m), dtype=yv.dtype, device=yv.device)
-    mirrored = yv.reshape(h * wf, n, c).index_select(0, idx_fwd).conj_physical_().view(h, m, n, c)
-    torch.lerp(yv[:, :m], mirrored, cb_fwd, out=zbuf.permute(2, 3, 0, 1))
-    torch.fft.ifft2(zbuf, out=zbuf)
-    return torch.view_as_real(zbuf).view(n, c, h, w)
-
-
-def _irfft2_lean_adjoint(g: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Exact adjoint of :func:`_irfft2_lean`: (N, C, H, W) real → (H·Wf, N, C) complex.
-
-    With g_Z = fft2(g as complex pairs)/(H·M) and β_k = c_{M−k} (note (1 − c_k)* + c_{M−k} = 1):
-    out[:, k] = lerp(g_Z[:, k], conj(g_Z[−f₁, M−k]), β_k) for 0 < k < M,
-    out[:, 0] = (1 − β₀) g_Z[:, 0],  out[:, M] = β_M conj(g_Z[−f₁, 0]).
-    """
-    n, c = g.shape[:2]
-    m = w // 2
-    wf = m + 1
-    _, idx_adj, _, beta = _lean_constants(h, w, torch.complex128 if g.dtype == torch.float64 else torch.complex64, g.device)
-    gz = torch.view_as_complex(g.contiguous().view(n, c, h, m, 2))
-    gzf = torch.fft.fft2(gz, norm="forward")  # (N, C, H, M)
-    mirrored = gzf.view(n * c, h * m).index_select(1, idx_adj).conj_physical_().view(n, c, h, m)
-    gv = gzf.permute(2, 3, 0, 1)  # (H, M, N, C) views
-    mv = mirrored.permute(2, 3, 0, 1)  # mv[:, k−1] = conj(g_Z[−f₁, M−k]), k = 1 … M
-    out = torch.empty((h, wf, n, c), dtype=gzf.dtype, device=gzf.device)
-    torch.mul(gv[:, 0], 1 - beta[:, 0], out=out[:, 0])
-    torch.mul(mv[:, m - 1], beta[:, m], out=out[:, m])
-    if m > 1:
-        torch.lerp(gv[:, 1:m], mv[:, : m - 1], beta[:, 1:m], out=out[:, 1:m])
-    return out.view(h * wf, n, c)
-
-
 def _irfft2_fm(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     h, w = size
     wf = w // 2 + 1
@@ -181,7 +106,7 @@ def _irfft2_fm(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         raise ValueError(f"irfft2_freq_major: expected {h * wf} frequencies for size {size}, got {f}")
     yv = y.view(h, wf, n, c)
     if w % 2 == 0:
-        return _irfft2_lean(yv, h, w)
+        return _irfft2_even(yv, h, w)
     full = torch.empty((n, c, h, w), dtype=y.dtype, device=y.device)
     full[..., :wf].copy_(yv.permute(2, 3, 0, 1))
     if w > wf:
@@ -192,28 +117,38 @@ def _irfft2_fm(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return full.real
 
 
-def _rfft2_adjoint_even(gv: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Adjoint of ``rfft2`` for even W = 2M: H·W·irfft2(ĝ with interior columns halved),
-    through a complex FFT of half the width (exactly, for every complex ĝ).
+def _irfft2_even(yv: torch.Tensor, h: int, w: int, adjoint: bool = False) -> torch.Tensor:
+    """Real inverse for even W = 2M through a complex FFT of half the width, exactly equal
+    to ``torch.fft.irfft2`` for every input (contiguous real output).
 
-    The output rows are y[u, 2m] + i·y[u, 2m+1] = z[u, m], z = H·M·ifft2(Z), where
-    Z[f₁, k] = ½(1 + iωᵏ) ĝ[f₁, k] + ½(1 − iωᵏ) conj(ĝ[−f₁, M−k]) for 0 < k < M (one
-    ``lerp``, ω = e^{2πi/W}), and Z[f₁, 0] = (1+i)/2·Ĉ₀ + (1−i)/2·Ĉ_M with Ĉ₀, Ĉ_M the
-    self-paired columns made Hermitian along f₁ (doubled: Ĉ = c + conj(c[−f₁])).
+    The output rows are y[u, 2m] + i·y[u, 2m+1] = z[u, m], z = ifft2(Z) over (H, M), with
+
+        Z[f₁, k] = ½(1 + iωᵏ) Ŷ[f₁, k] + ½(1 − iωᵏ) conj(Ŷ[−f₁, M−k]),   0 < k < M,
+
+    (one ``lerp`` that also transposes to NCHW; ω = e^{2πi/W}) and
+    Z[f₁, 0] = ½((1+i)/2·Ĉ₀ + (1−i)/2·Ĉ_M), Ĉ = c + conj(c[−f₁]) for the self-paired
+    columns c = Ŷ[:, 0], Ŷ[:, M] (their Hermitian parts along f₁, which is what ``irfft2``
+    keeps of them).
+
+    ``adjoint=True`` computes instead the adjoint of the forward ``rfft2``, which is
+    H·W·irfft2 of the input with its interior columns halved: the same formula with
+    column 0 not halved and no 1/(H·M) normalisation.
     """
-    _, wf, n, c = gv.shape
+    _, wf, n, c = yv.shape
     m = w // 2
-    rows, idx, cb = _half_length_constants(h, w, gv.dtype, gv.device)
-    zbuf = torch.empty((n, c, h, m), dtype=gv.dtype, device=gv.device)
+    rows, idx, cb = _half_length_constants(h, w, yv.dtype, yv.device)
+    zbuf = torch.empty((n, c, h, m), dtype=yv.dtype, device=yv.device)
     zv = zbuf.permute(2, 3, 0, 1)  # (H, M, N, C) view of the NCHW buffer
     # columns 0 and M together: Ĉ = c + conj(c[−f₁]) for both, one gather
-    pair_idx = (rows.view(h, 1) * wf + torch.tensor([0, m], device=gv.device).view(1, 2)).reshape(-1)
-    sym = gv[:, ::m] + gv.reshape(h * wf, n, c).index_select(0, pair_idx).conj_physical_().view(h, 2, n, c)
-    torch.lerp(sym[:, 0], sym[:, 1], torch.tensor(0.5 - 0.5j, dtype=gv.dtype, device=gv.device), out=zv[:, 0])
+    pair_idx = (rows.view(h, 1) * wf + torch.tensor([0, m], device=yv.device).view(1, 2)).reshape(-1)
+    sym = yv[:, ::m] + yv.reshape(h * wf, n, c).index_select(0, pair_idx).conj_physical_().view(h, 2, n, c)
+    if not adjoint:
+        sym.mul_(0.5)  # (on the compact pair, not on the strided output)
+    torch.lerp(sym[:, 0], sym[:, 1], torch.tensor(0.5 - 0.5j, dtype=yv.dtype, device=yv.device), out=zv[:, 0])
     if m > 1:
-        mirrored = gv.reshape(h * wf, n, c).index_select(0, idx).conj_physical_().view(h, m - 1, n, c)
-        torch.lerp(gv[:, 1:m], mirrored, cb, out=zv[:, 1:])
-    torch.fft.ifft2(zbuf, norm="forward", out=zbuf)
+        mirrored = yv.reshape(h * wf, n, c).index_select(0, idx).conj_physical_().view(h, m - 1, n, c)
+        torch.lerp(yv[:, 1:m], mirrored, cb, out=zv[:, 1:])
+    torch.fft.ifft2(zbuf, norm="forward" if adjoint else "backward", out=zbuf)
     return torch.view_as_real(zbuf).view(n, c, h, w)
 
 
@@ -252,9 +187,6 @@ class _IRFFT2FreqMajor(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        h, w = ctx.size
-        if w % 2 == 0:
-            return _irfft2_lean_adjoint(g, h, w), None
         return _irfft2_fm_adjoint(g, ctx.size), None
 
 
@@ -275,9 +207,8 @@ def irfft2_freq_major(y: torch.Tensor, size) -> torch.Tensor:
     """Inverse of :func:`rfft2_freq_major`: (H·(W//2+1), N, C) complex → (N, C, H, W) real.
 
     Equal to ``torch.fft.irfft2(Ŷ, s=size)`` with Ŷ the spectrum in (N, C, H, W//2+1)
-    layout whenever Ŷ is Hermitian-consistent (see the module docstring).  Contiguous
-    for even W, the real part of a complex buffer (a strided view) for odd W.
-    Differentiable (hand-written backward, the exact adjoint of the forward).
+    layout, for every input.  Contiguous for even W, the real part of a complex buffer
+    (a strided view) for odd W.  Differentiable (hand-written backward).
     """
     size = (int(size[0]), int(size[1]))
     if y.dim() != 3 or not y.is_complex():
