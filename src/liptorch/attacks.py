@@ -29,6 +29,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .empirical import _check_generator, _check_x
+
 __all__ = ["pgd_l2", "min_norm_attack", "attack_certificates", "competitor_ranking"]
 
 
@@ -39,17 +41,6 @@ __all__ = ["pgd_l2", "min_norm_attack", "attack_certificates", "competitor_ranki
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def _check_x(x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"x must be a torch.Tensor of shape (N, ...), got {type(x).__name__}")
-    if x.dim() < 2 or x.shape[0] < 1:
-        raise ValueError(f"x must have shape (N, ...) with N >= 1 and at least 2 dimensions, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x must contain only finite values, got NaN or inf entries")
 
 
 def _check_labels(name: str, y, n: int, num_classes: int, allow_2d: bool = False) -> torch.Tensor:
@@ -93,11 +84,6 @@ def _check_clamp(clamp, x: torch.Tensor):
             "pass clamp=None for unbounded inputs"
         )
     return lo, hi
-
-
-def _check_generator(generator) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
 
 
 def _per_sample(name: str, value, x: torch.Tensor, allow_zero: bool = True) -> torch.Tensor:
@@ -212,7 +198,7 @@ def competitor_ranking(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
     backward pass per class.
     """
     _check_model(model)
-    _check_x(x)
+    _check_x("x", x)
     n = x.shape[0]
     with _eval_mode(model):
         xg = x.detach().clone().requires_grad_(True)
@@ -271,7 +257,7 @@ def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, steps: int =
         adversarial is for the caller to check (``model(x_adv).argmax(1) != y``).
     """
     _check_model(model)
-    _check_x(x)
+    _check_x("x", x)
     steps = _check_int("steps", steps, 1)
     restarts = _check_int("restarts", restarts, 1)
     if loss not in ("margin", "ce"):
@@ -437,7 +423,7 @@ def min_norm_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: i
         adversarial point was found.  Samples already not predicted as ``y`` get norm 0.
     """
     _check_model(model)
-    _check_x(x)
+    _check_x("x", x)
     steps = _check_int("steps", steps, 1)
     candidates = _check_int("candidates", candidates, 0)
     restarts = _check_int("restarts", restarts, 1)
@@ -521,7 +507,7 @@ def attack_certificates(model: nn.Module, x: torch.Tensor, radius, pred: torch.T
     ``n_violations``.
     """
     _check_model(model)
-    _check_x(x)
+    _check_x("x", x)
     if isinstance(eps_scale, bool) or not isinstance(eps_scale, (int, float)) or not 0 < eps_scale <= 1:
         raise ValueError(f"eps_scale must be a number in (0, 1], got {eps_scale!r}")
     if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1:
