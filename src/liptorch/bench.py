@@ -104,10 +104,11 @@ def run_layer_benchmark(batch=64, channels=64, size=16, kernel=3, rounds=15, thr
 
 
 BUDGET_MODELS = {
-    # family: (zoo model, model args, recipe)
+    # family: (zoo model, model args, recipe).  Comparable sizes: 1.1M-2.9M parameters,
+    # all with inputs in [0, 1] and no input scaling (L of the whole model is the layers' bound).
     "Sandwich": ("sandwich-kwl-s", {}, {"loss": "offset-ce", "eps_train": 1.0, "lr": 0.005}),
     "BCOP": ("bcop-large", {}, {"loss": "offset-ce", "eps_train": 1.0, "lr": 0.001}),
-    "SOC": ("soc-lipconvnet-5", {"width": 16}, {"loss": "offset-ce", "eps_train": 1.0, "lr": 0.001}),
+    "SOC": ("soc-lipconvnet-5", {"width": 8, "std": 1.0}, {"loss": "offset-ce", "eps_train": 1.0, "lr": 0.001}),
     "Bjorck": ("bjorck-fc3", {}, {"loss": "offset-ce", "eps_train": 1.0, "lr": 0.001}),
 }
 
@@ -120,11 +121,10 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux: process-wide peak
 
 
-def run_budget_benchmark(budget: float, data: str = "fashion-mnist", out_dir: str = "runs/budget", device: str = "cpu",
-                         families=None, data_dir=None, batch_size: int = 256, print_fn=print, threads: int | None = None) -> list[dict]:
-    """Train each layer family in a comparable architecture for the same wall-clock budget
-    ("1-Lipschitz Layers Compared" method) and tabulate clean / certified accuracy."""
-    import json
+def _budget_one(family: str, budget: float, data: str, out_dir: str, device: str, data_dir, batch_size: int,
+                threads: int | None) -> dict:
+    """Train one family and return its row.  Runs in a fresh process on CPU so that the
+    process-wide peak RSS belongs to this model alone."""
     from pathlib import Path
 
     from .data import load_dataset
@@ -133,23 +133,48 @@ def run_budget_benchmark(budget: float, data: str = "fashion-mnist", out_dir: st
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model, margs, recipe = BUDGET_MODELS[family]
     splits = load_dataset(data, data_dir=data_dir)
-    rows = []
-    for family in families or BUDGET_MODELS:
+    cfg = TrainConfig(data=data, model=model, model_args=dict(margs), budget=budget, batch_size=batch_size,
+                      device=device, out=str(Path(out_dir) / family.lower()), progress=False, eval_every=0, **recipe)
+    report = train(cfg, log=lambda m: None, splits=splits)
+    per_epoch = report["train_seconds"] / max(report["epochs_completed"], 1e-9)
+    return {"family": family, "model": model, "model_args": margs,
+            **{k: report[k] for k in ("clean_accuracy", "certified_accuracy", "epochs_completed", "train_seconds", "parameters")},
+            "seconds_per_epoch": per_epoch, "peak_memory_mb": _peak_memory_mb(dev),
+            "lipschitz_bound": report["lipschitz_bound"], "threads": torch.get_num_threads()}
+
+
+def run_budget_benchmark(budget: float, data: str = "fashion-mnist", out_dir: str = "runs/budget", device: str = "cpu",
+                         families=None, data_dir=None, batch_size: int = 256, print_fn=print, threads: int | None = None,
+                         isolate: bool = True) -> list[dict]:
+    """Train each layer family in a comparable architecture for the same wall-clock budget
+    ("1-Lipschitz Layers Compared" method) and tabulate clean / certified accuracy, epochs,
+    seconds per epoch and peak memory (CUDA: peak allocated; CPU: peak RSS of a fresh
+    process per family when ``isolate``)."""
+    import concurrent.futures as cf
+    import json
+    import multiprocessing as mp
+    from pathlib import Path
+
+    families = list(families or BUDGET_MODELS)
+    for family in families:
         if family not in BUDGET_MODELS:
             raise ValueError(f"unknown family {family!r}; choose from {', '.join(BUDGET_MODELS)}")
-        model, margs, recipe = BUDGET_MODELS[family]
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        cfg = TrainConfig(data=data, model=model, model_args=dict(margs), budget=budget, batch_size=batch_size,
-                          device=device, out=str(Path(out_dir) / family.lower()), progress=False, eval_every=0, **recipe)
-        report = train(cfg, log=lambda m: None, splits=splits)
-        per_epoch = report["train_seconds"] / max(report["epochs"], 1)
-        row = {"family": family, "model": model, "model_args": margs, **{k: report[k] for k in ("clean_accuracy", "certified_accuracy", "epochs", "train_seconds", "parameters")},
-               "seconds_per_epoch": per_epoch, "peak_memory_mb": _peak_memory_mb(dev), "lipschitz_bound": report["lipschitz_bound"]}
+    rows = []
+    for family in families:
+        args = (family, budget, data, out_dir, device, data_dir, batch_size, threads)
+        if isolate:
+            with cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+                row = pool.submit(_budget_one, *args).result()
+        else:
+            row = _budget_one(*args)
         rows.append(row)
         cert = " / ".join(f"{100 * v:.1f}" for v in row["certified_accuracy"].values())
-        print_fn(f"| {family} | {model} | {row['parameters']:,} | {100 * row['clean_accuracy']:.1f} | {cert} | {row['epochs']} | {per_epoch:.1f} | {row['peak_memory_mb']:.0f} |")
+        print_fn(f"| {family} | {row['model']} | {row['parameters']:,} | {100 * row['clean_accuracy']:.1f} | {cert} | "
+                 f"{row['epochs_completed']:.2f} | {row['seconds_per_epoch']:.1f} | {row['peak_memory_mb']:.0f} |")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "budget.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows

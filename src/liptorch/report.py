@@ -60,7 +60,8 @@ def format_table(report: dict) -> str:
     return "\n".join([head, sep, row])
 
 
-def write_report(model, cfg, splits, data_info, out: Path, epochs: int, train_seconds: float, device, log: Callable = print) -> dict:
+def write_report(model, cfg, splits, data_info, out: Path, epochs: int, train_seconds: float, device, log: Callable = print,
+                 epochs_completed: float | None = None) -> dict:
     x_test, y_test = splits.test
     eps_labels = [e for e in cfg.eval_eps.split(",") if e]
     res = certified_accuracy(model, x_test.to(device), y_test.to(device), eps_labels)
@@ -88,6 +89,8 @@ def write_report(model, cfg, splits, data_info, out: Path, epochs: int, train_se
         "certificate_rule": head_rule,
         "n_test": res["n"],
         "epochs": epochs,
+        # optimizer steps / steps per epoch: fractional when a budget stopped an epoch early
+        "epochs_completed": float(epochs if epochs_completed is None else epochs_completed),
         "train_seconds": train_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
         "selection": "last epoch",

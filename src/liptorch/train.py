@@ -494,4 +494,5 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = p
             return {}
     from .report import write_report
 
-    return write_report(model, cfg, splits, data_info, out, epochs=epoch, train_seconds=elapsed, device=device, log=log)
+    return write_report(model, cfg, splits, data_info, out, epochs=epoch, train_seconds=elapsed, device=device, log=log,
+                        epochs_completed=step / max(steps_per_epoch, 1))
