@@ -46,12 +46,11 @@ from torch.autograd.function import once_differentiable
 
 from ..ops.fft import as_size, circular_kernel_spectrum
 from ..ops.linalg import round_up
-from ..ops.orthogonalize import bjorck_backward_pass, bjorck_forward_pass, bjorck_orthonormalize, limit_threads, serial_for
+from ..ops.orthogonalize import bjorck_backward_pass, bjorck_forward_pass, limit_threads, serial_for
 from .base import LipschitzModule, check_positive_int
+from .orthogonal import BjorckSettings
 
 __all__ = ["BCOPConv2d", "assemble_bcop_kernel", "bcop_kernel", "circular_pad", "pixel_unshuffle"]
-
-_SCALES = ("power", "frobenius", "sqrt")
 
 
 _PAD_AFTER = ((0, 0, 0, 0, 0, 0, 0, 1), (0, 0, 0, 0, 0, 1))  # one zero tap after, along dim 0 / 1
@@ -287,7 +286,7 @@ def _as_square(name: str, value, minimum: int) -> int:
     return check_positive_int(name, value, minimum)
 
 
-class BCOPConv2d(LipschitzModule):
+class BCOPConv2d(BjorckSettings, LipschitzModule):
     r"""Orthogonal 2-D convolution by Block Convolution Orthogonal Parameterization.
 
     ``BCOPConv2d(in_channels, out_channels, kernel_size, stride=1, bias=True,
@@ -350,22 +349,12 @@ class BCOPConv2d(LipschitzModule):
             )
         if not isinstance(bias, bool):
             raise ValueError(f"bias must be True or False, got {bias!r}")
-        bjorck_iters = check_positive_int("bjorck_iters", bjorck_iters, 1)
-        if isinstance(bjorck_order, bool) or not isinstance(bjorck_order, int) or bjorck_order not in (1, 2):
-            raise ValueError(f"bjorck_order must be 1 or 2, got {bjorck_order!r}")
-        if bjorck_scale not in _SCALES:
-            raise ValueError(f"bjorck_scale must be one of {_SCALES}, got {bjorck_scale!r}")
-        if not isinstance(bjorck_early_stop, bool):
-            raise ValueError(f"bjorck_early_stop must be True or False, got {bjorck_early_stop!r}")
+        self._init_bjorck(bjorck_iters, bjorck_order, bjorck_scale, bjorck_early_stop)
 
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = (k, k)
         self.stride = (s, s)
-        self.bjorck_iters = bjorck_iters
-        self.bjorck_order = bjorck_order
-        self.bjorck_scale = bjorck_scale
-        self.bjorck_early_stop = bjorck_early_stop
         #: kernel size, input channels and padding of the stride-1 BCOP after unshuffle
         self.inner_kernel_size = max(1, k // s)
         self.inner_in_channels = in_channels * s * s
@@ -393,30 +382,13 @@ class BCOPConv2d(LipschitzModule):
                 self.bias.uniform_(-bound, bound)
         self.invalidate_cache()
 
-    def _extra_cache_key(self) -> tuple:
-        return (self.bjorck_iters, self.bjorck_order, self.bjorck_scale, self.bjorck_early_stop)
-
     # -- operator -------------------------------------------------------------------------
     def orthogonal_matrices(self) -> torch.Tensor:
         """The 2k − 1 Björck-orthonormalised matrices O_j (differentiable)."""
-        return bjorck_orthonormalize(
-            self.matrices,
-            iters=self.bjorck_iters,
-            order=self.bjorck_order,
-            scale=self.bjorck_scale,
-            early_stop=self.bjorck_early_stop,
-        )
+        return self._orthonormalize(self.matrices)
 
     def _transform(self, matrices: torch.Tensor) -> torch.Tensor:
-        return bcop_kernel(
-            matrices,
-            self.out_channels,
-            self.inner_in_channels,
-            iters=self.bjorck_iters,
-            order=self.bjorck_order,
-            scale=self.bjorck_scale,
-            early_stop=self.bjorck_early_stop,
-        )
+        return bcop_kernel(matrices, self.out_channels, self.inner_in_channels, **self._bjorck_kwargs())
 
     def compute_operator(self) -> torch.Tensor:
         return self._transform(self.matrices)
@@ -466,14 +438,7 @@ class BCOPConv2d(LipschitzModule):
         return round_up(float(torch.linalg.matrix_norm(spec, ord=2).max()))
 
     def extra_repr(self) -> str:
-        s = (
+        return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"bias={self.bias is not None}, bjorck_iters={self.bjorck_iters}"
+            f"bias={self.bias is not None}, " + self._bjorck_repr()
         )
-        if self.bjorck_order != 1:
-            s += f", bjorck_order={self.bjorck_order}"
-        if self.bjorck_scale != "power":
-            s += f", bjorck_scale={self.bjorck_scale!r}"
-        if not self.bjorck_early_stop:
-            s += ", bjorck_early_stop=False"
-        return s

@@ -11,12 +11,50 @@ from ..ops.linalg import spectral_norm
 from ..ops.orthogonalize import bjorck_orthonormalize
 from .base import LipschitzModule, check_positive_int
 
-__all__ = ["OrthogonalLinear", "BjorckLinear"]
+__all__ = ["OrthogonalLinear", "BjorckLinear", "BjorckSettings"]
 
 _SCALES = ("power", "frobenius", "sqrt")
 
 
-class OrthogonalLinear(LipschitzModule):
+class BjorckSettings:
+    """The Björck options shared by the layers that orthonormalise free matrices
+    (``OrthogonalLinear``, ``BCOPConv2d``): validation, the eval-cache key, the call
+    and the repr.  A mixin for :class:`LipschitzModule` subclasses."""
+
+    def _init_bjorck(self, iters, order, scale, early_stop) -> None:
+        self.bjorck_iters = check_positive_int("bjorck_iters", iters, 1)
+        if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2):
+            raise ValueError(f"bjorck_order must be 1 or 2, got {order!r}")
+        if scale not in _SCALES:
+            raise ValueError(f"bjorck_scale must be one of {_SCALES}, got {scale!r}")
+        if not isinstance(early_stop, bool):
+            raise ValueError(f"bjorck_early_stop must be True or False, got {early_stop!r}")
+        self.bjorck_order = int(order)
+        self.bjorck_scale = scale
+        self.bjorck_early_stop = early_stop
+
+    def _extra_cache_key(self) -> tuple:
+        return (self.bjorck_iters, self.bjorck_order, self.bjorck_scale, self.bjorck_early_stop)
+
+    def _bjorck_kwargs(self) -> dict:
+        return dict(iters=self.bjorck_iters, order=self.bjorck_order, scale=self.bjorck_scale,
+                    early_stop=self.bjorck_early_stop)
+
+    def _orthonormalize(self, matrices: torch.Tensor) -> torch.Tensor:
+        return bjorck_orthonormalize(matrices, **self._bjorck_kwargs())
+
+    def _bjorck_repr(self) -> str:
+        s = f"bjorck_iters={self.bjorck_iters}"
+        if self.bjorck_order != 1:
+            s += f", bjorck_order={self.bjorck_order}"
+        if self.bjorck_scale != "power":
+            s += f", bjorck_scale={self.bjorck_scale!r}"
+        if not self.bjorck_early_stop:
+            s += ", bjorck_early_stop=False"
+        return s
+
+
+class OrthogonalLinear(BjorckSettings, LipschitzModule):
     r"""Dense layer y = W x + b with a Björck-orthonormalised weight.
 
     ``OrthogonalLinear(in_features, out_features, bias=True, bjorck_iters=20,
@@ -60,16 +98,7 @@ class OrthogonalLinear(LipschitzModule):
         self.out_features = check_positive_int("out_features", out_features)
         if not isinstance(bias, bool):
             raise ValueError(f"bias must be True or False, got {bias!r}")
-        self.bjorck_iters = check_positive_int("bjorck_iters", bjorck_iters, 1)
-        if isinstance(bjorck_order, bool) or not isinstance(bjorck_order, int) or bjorck_order not in (1, 2):
-            raise ValueError(f"bjorck_order must be 1 or 2, got {bjorck_order!r}")
-        if bjorck_scale not in _SCALES:
-            raise ValueError(f"bjorck_scale must be one of {_SCALES}, got {bjorck_scale!r}")
-        if not isinstance(bjorck_early_stop, bool):
-            raise ValueError(f"bjorck_early_stop must be True or False, got {bjorck_early_stop!r}")
-        self.bjorck_order = int(bjorck_order)
-        self.bjorck_scale = bjorck_scale
-        self.bjorck_early_stop = bjorck_early_stop
+        self._init_bjorck(bjorck_iters, bjorck_order, bjorck_scale, bjorck_early_stop)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features))
@@ -86,17 +115,8 @@ class OrthogonalLinear(LipschitzModule):
                 self.bias.uniform_(-bound, bound)
         self.invalidate_cache()
 
-    def _extra_cache_key(self) -> tuple:
-        return (self.bjorck_iters, self.bjorck_order, self.bjorck_scale, self.bjorck_early_stop)
-
     def compute_operator(self) -> torch.Tensor:
-        return bjorck_orthonormalize(
-            self.weight,
-            iters=self.bjorck_iters,
-            order=self.bjorck_order,
-            scale=self.bjorck_scale,
-            early_stop=self.bjorck_early_stop,
-        )
+        return self._orthonormalize(self.weight)
 
     def orthogonal_weight(self) -> torch.Tensor:
         """The weight the forward uses in the current mode (cached in eval)."""
@@ -118,17 +138,10 @@ class OrthogonalLinear(LipschitzModule):
         return spectral_norm(op)
 
     def extra_repr(self) -> str:
-        s = (
+        return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"bjorck_iters={self.bjorck_iters}"
+            + self._bjorck_repr()
         )
-        if self.bjorck_order != 1:
-            s += f", bjorck_order={self.bjorck_order}"
-        if self.bjorck_scale != "power":
-            s += f", bjorck_scale={self.bjorck_scale!r}"
-        if not self.bjorck_early_stop:
-            s += ", bjorck_early_stop=False"
-        return s
 
 
 #: Name used in the BCOP paper and LConvNet.
