@@ -459,6 +459,25 @@ def test_circular_pad_matches_torch_and_wraps_small_inputs():
     assert torch.autograd.gradcheck(lambda t: circular_pad(t, 2, 1), (xg,))
 
 
+@pytest.mark.parametrize("before,after", [(1, 1), (2, 1), (1, 0), (0, 2), (3, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_circular_pad_backward_is_the_adjoint_and_keeps_the_input_layout(before, after, channels_last):
+    """The hand-written backward of the wrap-once pad equals autograd through F.pad
+    (with a channels_last incoming gradient, as the convolution produces) and returns
+    the gradient in the input's memory layout."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    y = circular_pad(x, before, after)
+    ref = F.pad(x, (before, after, before, after), mode="circular")
+    assert torch.equal(y, ref)
+    g = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gr,) = torch.autograd.grad(ref, x, g)
+    assert torch.allclose(gx, gr, rtol=0, atol=1e-12)
+    assert gx.is_contiguous(memory_format=fmt)
+    assert torch.autograd.gradcheck(lambda t: circular_pad(t, before, after), (x.detach()[:1, :2].clone().requires_grad_(),))
+
+
 # ----------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "kwargs,match",

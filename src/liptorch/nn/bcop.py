@@ -207,35 +207,87 @@ def bcop_kernel(
     return _BCOPKernelFn.apply(matrices.contiguous(), int(out_channels), int(in_channels), iters, order, scale, early_stop)
 
 
+def _circular_pad_into(x: torch.Tensor, before: int, after: int, out: torch.Tensor | None) -> torch.Tensor:
+    """Forward of the wrap-once circular pad into an (N, H', W', C) buffer; returns the
+    (N, C, H', W') channels_last view.  Needs max(before, after) ≤ min(H, W)."""
+    n, ch, h, w = x.shape
+    if out is None:
+        out = x.new_empty((n, h + before + after, w + before + after, ch))
+    mid = out.narrow(1, before, h)  # the h unwrapped rows
+    mid.narrow(2, before, w).copy_(x.permute(0, 2, 3, 1))
+    # The wrapped borders are thin copies: one thread, so they add no thread-team
+    # barriers (each of which can cost a scheduler time slice on a busy machine).
+    with limit_threads(1):
+        if before:
+            mid.narrow(2, 0, before).copy_(mid.narrow(2, w, before))
+        if after:
+            mid.narrow(2, before + w, after).copy_(mid.narrow(2, before, after))
+        if before:
+            out.narrow(1, 0, before).copy_(out.narrow(1, h, before))
+        if after:
+            out.narrow(1, before + h, after).copy_(out.narrow(1, before, after))
+    return out.permute(0, 3, 1, 2)
+
+
+def _circular_pad_adjoint(g: torch.Tensor, before: int, after: int, h: int, w: int, channels_last: bool) -> torch.Tensor:
+    """Adjoint of the wrap-once circular pad: the (N, C, H', W') gradient folded back onto
+    (N, C, H, W) — one copy of the interior (into the input's memory layout, so autograd
+    needs no further conversion) plus the wrapped strips added in place."""
+    gp = g.permute(0, 2, 3, 1)  # (N, H', W', C) view (a plain view for channels_last g)
+    interior = gp.narrow(1, before, h).narrow(2, before, w)
+    if channels_last:
+        res = interior.clone(memory_format=torch.contiguous_format)  # (N, H, W, C) memory
+    else:
+        res = torch.empty((g.shape[0], g.shape[1], h, w), dtype=g.dtype, device=g.device).permute(0, 2, 3, 1)
+        res.copy_(interior)  # NCHW memory, indexed as (N, H, W, C)
+    with limit_threads(1):
+        for src_rows, dst_rows, count in ((0, h - before, before), (before + h, 0, after)):
+            if count:  # rows wrapped from the other side (all padded columns of them)
+                band = gp.narrow(1, src_rows, count)
+                res.narrow(1, dst_rows, count).add_(band.narrow(2, before, w))
+                if before:
+                    res.narrow(1, dst_rows, count).narrow(2, w - before, before).add_(band.narrow(2, 0, before))
+                if after:
+                    res.narrow(1, dst_rows, count).narrow(2, 0, after).add_(band.narrow(2, before + w, after))
+        rows = gp.narrow(1, before, h)
+        if before:
+            res.narrow(2, w - before, before).add_(rows.narrow(2, 0, before))
+        if after:
+            res.narrow(2, 0, after).add_(rows.narrow(2, before + w, after))
+    return res.permute(0, 3, 1, 2)
+
+
+class _CircularPadFn(torch.autograd.Function):
+    """Wrap-once circular pad with a one-pass hand-written backward (autograd through the
+    in-place strip copies would zero-fill and copy the padded gradient several times)."""
+
+    @staticmethod
+    def forward(ctx, x, before, after):
+        cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.dims = (before, after, x.shape[-2], x.shape[-1], cl)
+        return _circular_pad_into(x, before, after, None)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _circular_pad_adjoint(g, *ctx.dims), None, None
+
+
 def circular_pad(x: torch.Tensor, before: int, after: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Circular padding of both spatial dims of (N, C, H, W) by ``before``/``after``
     pixels, returned in channels_last memory format (what the convolution prefers).
 
     Wraps any number of times, so it also works for H or W smaller than the padding.
     ``out``, if given, is an (N, H', W', C) contiguous buffer written in place (only
-    when no gradient is recorded).
+    when no gradient is recorded).  Differentiable; the common wrap-once case has a
+    hand-written backward (the adjoint folds the wrapped strips back, one pass).
     """
     n, ch, h, w = x.shape
     if before == 0 and after == 0:
         return x
-    hp, wp = h + before + after, w + before + after
     if max(before, after) <= min(h, w):
-        if out is None:
-            out = x.new_empty((n, hp, wp, ch))
-        mid = out.narrow(1, before, h)  # the h unwrapped rows
-        mid.narrow(2, before, w).copy_(x.permute(0, 2, 3, 1))
-        # The wrapped borders are thin copies: one thread, so they add no thread-team
-        # barriers (each of which can cost a scheduler time slice on a busy machine).
-        with limit_threads(1):
-            if before:
-                mid.narrow(2, 0, before).copy_(mid.narrow(2, w, before))
-            if after:
-                mid.narrow(2, before + w, after).copy_(mid.narrow(2, before, after))
-            if before:
-                out.narrow(1, 0, before).copy_(out.narrow(1, h, before))
-            if after:
-                out.narrow(1, before + h, after).copy_(out.narrow(1, before, after))
-        return out.permute(0, 3, 1, 2)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _CircularPadFn.apply(x, before, after)
+        return _circular_pad_into(x, before, after, out)
     idx_h = torch.arange(-before, h + after, device=x.device) % h
     idx_w = torch.arange(-before, w + after, device=x.device) % w
     padded = x.index_select(2, idx_h).index_select(3, idx_w)
