@@ -7,12 +7,12 @@ U = Xᵀ, V = Yᵀ, plain transposes).  The transform is
 
     Z = X − Xᴴ + YᴴY,    N = I + Z,    Aᵀ = N⁻¹(I − Z) = (2I − N)N⁻¹,    Bᵀ = −2Y N⁻¹.
 
-Both come out of ONE batched solve from the right with the stacked right-hand side
-[2I − N; Y] ((q+p) × q, q = output width).  N is invertible for every X, Y since
+Both come from ONE batched inverse G = N⁻¹: Aᵀ = 2G − I, Bhᵀ = Y G (q = output
+width).  N is invertible for every X, Y since
 Re vᴴNv = ‖v‖² + ‖Yv‖² > 0, and Z + Zᴴ = 2YᴴY gives A Aᴴ + B Bᴴ = I.
 
 The hand-written backward reuses G = N⁻¹ = (Aᵀ + I)/2: five batched GEMMs, no second
-solve.  :func:`fold_sandwich_scales` folds √2, Ψ and the input scale into the two
+inverse.  :func:`fold_sandwich_scales` folds √2, Ψ and the input scale into the two
 row-form operators a layer applies, with its own backward.
 
 Certification (certification.md §3.2(g)): a sandwich layer built from *measured* A, B
@@ -127,7 +127,10 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _cayley_rows_forward(pt: torch.Tensor, q: int):
     """(Aᵀ, Bhᵀ, Yᴴ) for the row-stacked block P = [X; Y] (…, q+p, q).
 
-    N = I + X − Xᴴ + YᴴY;  [Aᵀ; Bhᵀ] = [2I − N; Y]·N⁻¹ — one solve from the right.
+    N = I + X − Xᴴ + YᴴY,  G = N⁻¹ (one batched inverse),  Aᵀ = (2I − N)N⁻¹ = 2G − I,
+    Bhᵀ = Y G.  The explicit inverse plus one GEMM costs about 2q³ + pq² multiply-adds
+    against (2/3)q³ + 2(q+p)q² for a solve with the stacked right-hand side [2I − N; Y],
+    and GEMMs run closer to peak than triangular solves.
     """
     x, y = pt[..., :q, :], pt[..., q:, :]
     p = y.shape[-2]
@@ -141,24 +144,31 @@ def _cayley_rows_forward(pt: torch.Tensor, q: int):
             n.addmm_(yh, y)
         else:
             n = n + yh @ y
-    rhs = torch.empty(pt.shape, dtype=pt.dtype, device=pt.device)
-    torch.neg(n, out=rhs[..., :q, :])
-    rhs[..., :q, :].diagonal(dim1=-2, dim2=-1).add_(2.0)
-    rhs[..., q:, :].copy_(y)
-    # [2I − N; Y] N⁻¹ = (N⁻ᵀ [2I − N; Y]ᵀ)ᵀ: row-major N and rhs are column-major Nᵀ and
-    # rhsᵀ, which LAPACK takes with a plain memory copy (no transposition, no conjugation).
-    s = torch.empty(pt.shape, dtype=pt.dtype, device=pt.device)  # row-major result
-    _per_slice_lapack(torch.linalg.solve, n.mT, rhs.mT, out=s.mT)
-    return s[..., :q, :], s[..., q:, :], yh
+    # inv(Nᵀ) = (N⁻¹)ᵀ: the row-major N is a column-major Nᵀ, which LAPACK takes with a
+    # plain memory copy; writing into g.mT leaves g = N⁻¹ row-major.
+    g = torch.empty_like(n)
+    _per_slice_lapack(torch.linalg.inv, n.mT, out=g.mT)
+    s = torch.empty(pt.shape, dtype=pt.dtype, device=pt.device)  # row-major [Aᵀ; Bhᵀ]
+    at, bht = s[..., :q, :], s[..., q:, :]
+    torch.mul(g, 2.0, out=at)
+    at.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+    if p > 0:
+        if g.dim() == 3:
+            torch.bmm(y, g, out=bht)
+        elif g.dim() == 2:
+            torch.mm(y, g, out=bht)
+        else:
+            bht.copy_(y @ g)
+    return at, bht, yh
 
 
 class _CayleyRows(torch.autograd.Function):
-    """P = [X; Y] ↦ (Aᵀ, Bhᵀ) = ((2I − N)N⁻¹, Y N⁻¹), N = I + X − Xᴴ + YᴴY, one solve.
+    """P = [X; Y] ↦ (Aᵀ, Bhᵀ) = ((2I − N)N⁻¹, Y N⁻¹), N = I + X − Xᴴ + YᴴY, one inverse.
 
     Backward with G = N⁻¹ = (Aᵀ + I)/2 (real loss, g = ∂L/∂Re + i∂L/∂Im):
       g_G = 2 g_Aᵀ + Yᴴ g_Bhᵀ,   g_N = −Gᴴ g_G Gᴴ,
       g_X = g_N − g_Nᴴ,          g_Y = g_Bhᵀ Gᴴ + Y (g_N + g_Nᴴ).
-    Five batched GEMMs, no second solve.
+    Five batched GEMMs, no second inverse.
     """
 
     @staticmethod
@@ -203,7 +213,7 @@ class _CayleyRows(torch.autograd.Function):
 def cayley_rows(pt: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(Aᵀ, Bhᵀ) for the row-stacked free block P = [X; Y] (…, q+p, q): the spec's own
     form Fᵀ = [X; Y] (sandwich.md §2.2).  Aᵀ = (I+Z)⁻¹(I−Z), Bᵀ = −2·Bhᵀ = −2Y(I+Z)⁻¹
-    with Z = X − Xᴴ + YᴴY, from ONE batched solve with right-hand side [2I − N; Y].
+    with Z = X − Xᴴ + YᴴY, from ONE batched inverse G = (I+Z)⁻¹ (Aᵀ = 2G − I, Bhᵀ = YG).
     Real or complex, batched, differentiable (GEMM-only backward)."""
     if pt.dim() < 2 or not 1 <= q <= pt.shape[-2] or pt.shape[-1] != q:
         raise ValueError(f"cayley_rows expects a (…, q+p, q) block with q={q}, got {tuple(pt.shape)}")
