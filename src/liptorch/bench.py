@@ -122,9 +122,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _budget_one(family: str, budget: float, data: str, out_dir: str, device: str, data_dir, batch_size: int,
-                threads: int | None) -> dict:
+                threads: int | None, splits=None) -> dict:
     """Train one family and return its row.  Runs in a fresh process on CPU so that the
-    process-wide peak RSS belongs to this model alone."""
+    process-wide peak RSS belongs to this model alone (which then loads the data itself;
+    in-process callers pass the loaded ``splits``)."""
     from pathlib import Path
 
     from .data import load_dataset
@@ -136,7 +137,8 @@ def _budget_one(family: str, budget: float, data: str, out_dir: str, device: str
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     model, margs, recipe = BUDGET_MODELS[family]
-    splits = load_dataset(data, data_dir=data_dir)
+    if splits is None:
+        splits = load_dataset(data, data_dir=data_dir)
     cfg = TrainConfig(data=data, model=model, model_args=dict(margs), budget=budget, batch_size=batch_size,
                       device=device, out=str(Path(out_dir) / family.lower()), progress=False, eval_every=0, **recipe)
     report = train(cfg, log=lambda m: None, splits=splits)
@@ -163,6 +165,11 @@ def run_budget_benchmark(budget: float, data: str = "fashion-mnist", out_dir: st
     for family in families:
         if family not in BUDGET_MODELS:
             raise ValueError(f"unknown family {family!r}; choose from {', '.join(BUDGET_MODELS)}")
+    splits = None
+    if not isolate:
+        from .data import load_dataset
+
+        splits = load_dataset(data, data_dir=data_dir)
     rows = []
     for family in families:
         args = (family, budget, data, out_dir, device, data_dir, batch_size, threads)
@@ -170,7 +177,7 @@ def run_budget_benchmark(budget: float, data: str = "fashion-mnist", out_dir: st
             with cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
                 row = pool.submit(_budget_one, *args).result()
         else:
-            row = _budget_one(*args)
+            row = _budget_one(*args, splits=splits)
         rows.append(row)
         cert = " / ".join(f"{100 * v:.1f}" for v in row["certified_accuracy"].values())
         print_fn(f"| {family} | {row['model']} | {row['parameters']:,} | {100 * row['clean_accuracy']:.1f} | {cert} | "

@@ -263,7 +263,7 @@ class _CircularPadFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, before, after):
-        cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         ctx.dims = (before, after, x.shape[-2], x.shape[-1], cl)
         return _circular_pad_into(x, before, after, None)
 

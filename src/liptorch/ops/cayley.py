@@ -153,12 +153,7 @@ def _cayley_rows_forward(pt: torch.Tensor, q: int):
     torch.mul(g, 2.0, out=at)
     at.diagonal(dim1=-2, dim2=-1).sub_(1.0)
     if p > 0:
-        if g.dim() == 3:
-            torch.bmm(y, g, out=bht)
-        elif g.dim() == 2:
-            torch.mm(y, g, out=bht)
-        else:
-            bht.copy_(y @ g)
+        torch.matmul(y, g, out=bht)
     return at, bht, yh
 
 
