@@ -15,3 +15,12 @@ then
   "$PY" -m pip install -q torch==2.13.0
 fi
 "$PY" -m pip install -q -e ".[test]"
+# Real data for the Fashion-MNIST tests and benchmarks, when this is a Debian machine on which
+# we may install packages.  Best effort: without it those tests skip and say why.
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ ! -d "$FMNIST" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing the Debian package dataset-fashion-mnist"
+  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+    || echo "setup: dataset-fashion-mnist not installed; the Fashion-MNIST tests will skip"
+fi

@@ -141,7 +141,9 @@ def test_bound_is_exact_for_non_orthogonal_kernels_at_every_size(k, s, sizes):
         j = jacobian_of(lambda t: reference_conv(t, random_kernel, s, kk // 2), (2, n, n), torch.float64)
         exact = torch.linalg.svdvals(j).max().item()
         bound = layer.compute_lipschitz_bound(random_kernel, (n, n))
-        assert exact <= bound <= exact * (1 + 1e-9) + 1e-12
+        # Absolute slack on the lower side too: at n = 2 the zero-mean kernel's only symbol
+        # is 0, and the SVD and the bound then differ by round-off near 1e-16.
+        assert exact - 1e-12 <= bound <= exact * (1 + 1e-9) + 1e-12
         values.append(bound)
     if kk > 1:
         assert max(values) - min(values) > 1e-3  # the norm really depends on the size
