@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from liptorch.nn.bcop import BCOPConv2d, assemble_bcop_kernel, bcop_kernel, circular_pad
+from liptorch.nn.bcop import BCOPConv2d, assemble_bcop_kernel, bcop_kernel, circular_conv2d, circular_pad
 from liptorch.ops.orthogonalize import bjorck_orthonormalize, bjorck_scale
 
 
@@ -478,6 +478,39 @@ def test_circular_pad_backward_is_the_adjoint_and_keeps_the_input_layout(before,
     assert torch.allclose(gx, gr, rtol=0, atol=1e-12)
     assert gx.is_contiguous(memory_format=fmt)
     assert torch.autograd.gradcheck(lambda t: circular_pad(t, before, after), (x.detach()[:1, :2].clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("before,after,c_in,c_out", [(1, 1, 3, 4), (2, 1, 4, 2), (1, 0, 2, 2), (0, 2, 3, 3), (2, 2, 2, 5)])
+@pytest.mark.parametrize("grad_layout", ["nchw", "channels_last"])
+def test_circular_conv2d_backward_matches_autograd_through_the_pad(before, after, c_in, c_out, grad_layout):
+    """circular_conv2d's hand-written backward (input gradient as a circular convolution
+    with the adjoint kernel, weight gradient against the padded input) equals autograd
+    through F.pad + F.conv2d for every subset of inputs requiring grad, with either
+    incoming gradient layout, and passes gradcheck."""
+    torch.manual_seed(0)
+    k = before + after + 1
+    x = torch.randn(2, c_in, 5, 4, dtype=torch.float64)
+    w = torch.randn(c_out, c_in, k, k, dtype=torch.float64)
+    b = torch.randn(c_out, dtype=torch.float64)
+    fmt = torch.channels_last if grad_layout == "channels_last" else torch.contiguous_format
+    for need in [(True, True, True), (True, False, False), (False, True, False), (False, False, True), (True, True, False)]:
+        leaves = [t.clone().requires_grad_(r) for t, r in zip((x, w, b), need)]
+        y = circular_conv2d(*leaves, before, after)
+        ref = F.conv2d(F.pad(leaves[0], (before, after, before, after), mode="circular"), leaves[1], leaves[2])
+        assert torch.allclose(y, ref, rtol=0, atol=1e-12)
+        g = torch.randn_like(ref).contiguous(memory_format=fmt)
+        wanted = [t for t in leaves if t.requires_grad]
+        got = torch.autograd.grad(y, wanted, g)
+        expected = torch.autograd.grad(ref, wanted, g)
+        for a, e in zip(got, expected):
+            assert a.shape == e.shape
+            assert torch.allclose(a, e, rtol=0, atol=1e-10)
+    args = (x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda *t: circular_conv2d(*t, before, after), args)
+    # no bias, and an input smaller than the padding (falls back to the wrap-many pad)
+    small = torch.randn(1, c_in, 1, 2, dtype=torch.float64, requires_grad=True)
+    wb = w.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t, u: circular_conv2d(t, u, None, before, after), (small, wb))
 
 
 # ----------------------------------------------------------------------------- validation

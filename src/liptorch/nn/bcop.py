@@ -32,7 +32,10 @@ single autograd node with a hand-written backward (first-order gradients only); 
 small-matrix work runs on one thread (:func:`liptorch.ops.orthogonalize.serial_for`).
 The input is circularly padded straight into channels_last (NHWC) memory, the layout
 in which oneDNN runs the convolution without reorders, so the output is channels_last
-too.  Forwards that record no gradient reuse a per-thread padding buffer.
+too.  Forwards that record no gradient reuse a per-thread padding buffer.  In training,
+pad and convolution are one autograd node (:func:`circular_conv2d`) whose backward stays
+on the unpadded grid: the input gradient is a circular convolution with the adjoint
+kernel, so there is no input gradient on the padded grid to fold back.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ from ..ops.orthogonalize import bjorck_backward_pass, bjorck_forward_pass, limit
 from .base import LipschitzModule, check_positive_int
 from .orthogonal import BjorckSettings
 
-__all__ = ["BCOPConv2d", "assemble_bcop_kernel", "bcop_kernel", "circular_pad", "pixel_unshuffle"]
+__all__ = ["BCOPConv2d", "assemble_bcop_kernel", "bcop_kernel", "circular_conv2d", "circular_pad", "pixel_unshuffle"]
 
 
 _PAD_AFTER = ((0, 0, 0, 0, 0, 0, 0, 1), (0, 0, 0, 0, 0, 1))  # one zero tap after, along dim 0 / 1
@@ -294,6 +297,61 @@ def circular_pad(x: torch.Tensor, before: int, after: int, out: torch.Tensor | N
     return padded.contiguous(memory_format=torch.channels_last)
 
 
+_conv_backward = torch.ops.aten.convolution_backward.default
+
+
+class _CircularConvFn(torch.autograd.Function):
+    """y = conv2d(circular_pad(x), W) + b with a backward that never leaves the unpadded
+    grid: the input gradient is the circular convolution of g with the adjoint kernel
+    Wᵀ flipped (pad g by (after, before), one 'valid' forward convolution), and the weight
+    gradient is one weight-only convolution backward against the saved padded input.
+    Against autograd through the pad and the conv this drops the input gradient on the
+    padded (H', W') grid and the fold of its wrapped strips back onto (H, W)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, before, after):
+        xp = _circular_pad_into(x, before, after, None)
+        ctx.save_for_backward(xp if ctx.needs_input_grad[1] else None, weight)
+        ctx.pads = (before, after)
+        return F.conv2d(xp, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        xp, weight = ctx.saved_tensors
+        before, after = ctx.pads
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gw = gb = None
+        if need_x:
+            gx = F.conv2d(_circular_pad_into(g, after, before, None), weight.transpose(0, 1).flip(2, 3))
+        if need_w:
+            _, gw, gb = _conv_backward(
+                g, xp, weight, [weight.shape[0]] if need_b else None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [False, True, need_b],
+            )
+        elif need_b:
+            gb = g.sum(dim=(0, 2, 3))
+        return gx, gw, gb, None, None
+
+
+def circular_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, before: int, after: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-correlation of (N, C, H, W) ``x`` with ``weight`` (k = before + after + 1)
+    on the torus: ``F.conv2d(circular_pad(x, before, after), weight, bias)``.
+
+    Recorded for autograd (wrap-once case) through a hand-written first-order backward
+    that works on the unpadded grid (:class:`_CircularConvFn`); otherwise the pad goes
+    into ``out`` (an (N, H', W', C) buffer, see :func:`circular_pad`) and one
+    ``F.conv2d`` follows."""
+    h, w = x.shape[-2:]
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if needs_grad and 0 < max(before, after) <= min(h, w):
+        return _CircularConvFn.apply(x, weight, bias, before, after)
+    return F.conv2d(circular_pad(x, before, after, out), weight, bias)
+
+
 _WORKSPACE = threading.local()
 _WORKSPACE_SLOTS = 8
 
@@ -454,8 +512,7 @@ class BCOPConv2d(BjorckSettings, LipschitzModule):
         if s > 1:
             x = pixel_unshuffle(x, s)
         before, after = self.padding
-        x = circular_pad(x, before, after, _pad_workspace(x, before, after))
-        return F.conv2d(x, op, self.bias)
+        return circular_conv2d(x, op, self.bias, before, after, _pad_workspace(x, before, after))
 
     def check_input(self, x: torch.Tensor) -> None:
         name = type(self).__name__
