@@ -2,10 +2,12 @@
 
 Floors, lowest first (a floor never imports a higher one):
 ``ops`` (pure math) → ``nn`` (layers) → ``models`` (zoo) → ``certify`` / ``lipschitz``
-(analysis) → ``train`` / ``data`` (engine) → ``cli``.
+(analysis) → ``train`` / ``data`` (engine) → ``cli``.  ``runtime`` (process-level CPU
+tuning) imports nothing of liptorch.
 """
 from .certify import certified_accuracy, certified_radius
 from .nn.bounds import lipschitz_bound
+from .runtime import tune_cpu_allocator
 
 __version__ = "0.1.0"
 
@@ -24,4 +26,7 @@ def load_checkpoint(path_or_run_dir):
     return _load(path_or_run_dir)
 
 
-__all__ = ["certified_accuracy", "certified_radius", "export", "lipschitz_bound", "load_checkpoint", "__version__"]
+__all__ = [
+    "certified_accuracy", "certified_radius", "export", "lipschitz_bound", "load_checkpoint", "tune_cpu_allocator",
+    "__version__",
+]

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .runtime import cpu_allocator_state
+
 __all__ = ["layer_factories", "run_layer_benchmark", "time_layers"]
 
 
@@ -87,7 +89,9 @@ def run_layer_benchmark(batch=64, channels=64, size=16, kernel=3, rounds=15, thr
     res = time_layers(layers, x, rounds)
     base = res["nn.Conv2d"]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print_fn(f"batch {batch}, {channels}->{channels} channels, {size}x{size}, kernel {kernel}, {rounds} rounds, {dev_name}, torch {torch.__version__}")
+    alloc = f", CPU allocator {cpu_allocator_state()}" if device.type == "cpu" else ""
+    print_fn(f"batch {batch}, {channels}->{channels} channels, {size}x{size}, kernel {kernel}, {rounds} rounds, {dev_name}, "
+             f"torch {torch.__version__}{alloc}")
     if markdown:
         print_fn("| layer | train step (ms) | train ratio | eval forward (ms) | eval ratio |")
         print_fn("|---|---|---|---|---|")
@@ -122,15 +126,19 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _budget_one(family: str, budget: float, data: str, out_dir: str, device: str, data_dir, batch_size: int,
-                threads: int | None, splits=None) -> dict:
+                threads: int | None, splits=None, allocator: str = "default") -> dict:
     """Train one family and return its row.  Runs in a fresh process on CPU so that the
     process-wide peak RSS belongs to this model alone (which then loads the data itself;
-    in-process callers pass the loaded ``splits``)."""
+    in-process callers pass the loaded ``splits``); ``allocator`` is the parent's
+    :func:`~liptorch.runtime.cpu_allocator_state`, repeated in the child."""
     from pathlib import Path
 
     from .data import load_dataset
+    from .runtime import tune_cpu_allocator
     from .train import TrainConfig, train
 
+    if allocator == "tuned":
+        tune_cpu_allocator()
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -175,7 +183,7 @@ def run_budget_benchmark(budget: float, data: str = "fashion-mnist", out_dir: st
         args = (family, budget, data, out_dir, device, data_dir, batch_size, threads)
         if isolate:
             with cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-                row = pool.submit(_budget_one, *args).result()
+                row = pool.submit(_budget_one, *args, allocator=cpu_allocator_state()).result()
         else:
             row = _budget_one(*args, splits=splits)
         rows.append(row)

@@ -496,6 +496,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
+        from .runtime import tune_from_environment
+
+        tune_from_environment()  # glibc: keep freed tensors' memory (LIPTORCH_CPU_ALLOCATOR=default opts out)
         return args.func(args)
     except KeyboardInterrupt:
         print("liptorch: interrupted", file=sys.stderr)
