@@ -104,3 +104,36 @@ def test_unknown_module_raises_clear_error():
         liptorch.lipschitz_bound(nn.Sequential(nn.GELU(), nn.BatchNorm1d(3)))
     with pytest.raises(ValueError, match="input size"):
         module_bound(nn.Conv2d(1, 1, 3, padding=1))
+
+
+@pytest.mark.parametrize("shape,channels_last", [((3, 6), False), ((2, 8, 3, 5), False), ((2, 8, 3, 5), True)])
+def test_maxmin_custom_backward_matches_autograd_and_keeps_gradient_norm_at_ties(shape, channels_last):
+    """MaxMin's hand-written backward equals autograd through maximum/minimum away from
+    ties, keeps ‖Jᵀg‖ = ‖g‖ at ties (autograd's half split would shrink it), keeps the
+    input's memory layout in the output, and supports double backward."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = MaxMin()(x)
+    a, b = x.chunk(2, dim=1)
+    ref = torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+    assert torch.equal(y, ref)
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gr,) = torch.autograd.grad(ref, x, g)
+    assert torch.equal(gx, gr)
+    assert torch.autograd.gradcheck(MaxMin(), (x.detach().clone().requires_grad_(),))
+    assert torch.autograd.gradgradcheck(MaxMin(), (x.detach().clone().requires_grad_(),))
+    # all pairs tied: the gradient is permuted, not halved
+    tied = torch.cat([a.detach(), a.detach()], dim=1).requires_grad_()
+    (gt,) = torch.autograd.grad(MaxMin()(tied), tied, g)
+    assert torch.allclose(gt.norm(), g.norm(), rtol=1e-12)
+    h = g.shape[1] // 2
+    assert torch.equal(gt, g) or torch.equal(gt, torch.cat([g[:, h:], g[:, :h]], dim=1))
+    # no-grad path gives the same values
+    with torch.no_grad():
+        assert torch.equal(MaxMin()(x), ref)

@@ -30,18 +30,57 @@ def _check_channels(module: nn.Module, x: torch.Tensor, divisor: int) -> None:
         )
 
 
+class _MaxMinFn(torch.autograd.Function):
+    """(a, b) ↦ (max(a, b), min(a, b)) with the permutation chosen by one mask m = a ≥ b:
+    the forward writes both halves straight into the output and the backward applies
+    the same permutation to the gradient.  At ties the gradient follows the mask (a to
+    the max half), an element of the Clarke subdifferential that keeps the gradient norm
+    (autograd of max/min splits a tie's gradient in halves, shrinking it).  Saves a
+    bool mask instead of the input; the backward is differentiable (double backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        a, b = x.chunk(2, dim=1)
+        h = a.shape[1]
+        mask = a >= b
+        out = torch.empty_like(x)
+        torch.where(mask, a, b, out=out[:, :h])
+        torch.where(mask, b, a, out=out[:, h:])
+        ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        g_max, g_min = g.chunk(2, dim=1)
+        if torch.is_grad_enabled():  # create_graph: out= would cut the graph
+            return torch.cat([torch.where(mask, g_max, g_min), torch.where(mask, g_min, g_max)], dim=1)
+        h = g_max.shape[1]
+        gx = torch.empty_like(g)
+        torch.where(mask, g_max, g_min, out=gx[:, :h])
+        torch.where(mask, g_min, g_max, out=gx[:, h:])
+        return gx
+
+
 class MaxMin(OneLipschitz):
     """GroupSort-2: channel i pairs with channel i + C/2; outputs (max, min) halves.
 
-    Piecewise a permutation, so 1-Lipschitz and gradient-norm preserving.
+    Piecewise a permutation, so 1-Lipschitz and gradient-norm preserving (also at ties,
+    where the gradient follows the max to the first half; see :class:`_MaxMinFn`).
     """
 
     guarantee = "orthogonal"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_channels(self, x, 2)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _MaxMinFn.apply(x)
         a, b = x.chunk(2, dim=1)
-        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+        h = a.shape[1]
+        out = torch.empty_like(x)
+        torch.maximum(a, b, out=out[:, :h])
+        torch.minimum(a, b, out=out[:, h:])
+        return out
 
 
 class GroupSort(OneLipschitz):
