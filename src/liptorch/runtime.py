@@ -6,8 +6,9 @@ the kernel (``munmap`` or a heap trim), so the next tensor of that size is fresh
 whose every page faults on first touch.  A training step that creates dozens of such
 intermediates (the per-frequency matrices of :class:`~liptorch.nn.SandwichConv2d`, the
 Cayley transform, the Horner states of SOC) spends a large share of its time in those
-faults: measured on a 2-core VM, 23–28 % of a SandwichConv2d training step (64→64
-channels, 16×16, batch 64), against none for a plain ``nn.Conv2d`` step.
+faults: measured on a 2-core VM, 10–25 % of a SandwichConv2d training step (64→64
+channels, 16×16, batch 64; 1 and 2 threads), against nothing measurable for a plain
+``nn.Conv2d`` step.
 
 :func:`tune_cpu_allocator` raises glibc's mmap threshold to 32 MiB and its trim threshold
 to 1 GiB, so freed blocks stay in the heap and are reused without faults.  The price:
