@@ -135,8 +135,10 @@ def accretive_inverse(n: torch.Tensor, leaf: int = _INVERSE_LEAF) -> torch.Tenso
         N⁻¹ = [[A⁻¹ + T S⁻¹ C A⁻¹, −T S⁻¹], [−S⁻¹ C A⁻¹, S⁻¹]].
 
     A principal block of N and the Schur complement S both have Hermitian part ⪰ I
-    again (Re(N/A) ⪰ Re(N)/Re(A) ⪰ I), so every inverse taken has norm ≤ 1 and the
-    elimination is as stable as a pivoted LU.  Blocks of size ≤ ``leaf`` go to LAPACK;
+    again (Re(N/A) ⪰ Re(N)/Re(A) ⪰ I), so no block is singular or near-singular and
+    every inverse taken has norm ≤ 1: no pivoting is needed.  (The rounding error
+    grows with the skew part ‖X − Xᴴ‖, which the layers keep O(1); the tests compare
+    with LAPACK from float32 to complex128.)  Blocks of size ≤ ``leaf`` go to LAPACK;
     the rest is batched GEMMs, which run several times closer to peak than LAPACK's
     per-matrix inverse on a batch of small matrices (64×64: about 35 % less time).
     """
