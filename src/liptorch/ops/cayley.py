@@ -33,6 +33,7 @@ import torch
 from .linalg import round_up
 
 __all__ = [
+    "accretive_inverse",
     "cayley_rows",
     "cayley_block",
     "cayley_parts",
