@@ -66,3 +66,28 @@ def test_budget_benchmark_rejects_unknown_family(tmp_path):
 def test_bench_cli_rejects_bad_budget(capsys):
     assert main(["bench", "--budget", "-3"]) != 0
     assert "--budget" in capsys.readouterr().err
+
+
+def test_layer_benchmark_repeats_report_median_and_range():
+    lines = []
+    res = bench.run_layer_benchmark(batch=2, channels=4, size=8, kernel=3, rounds=1, threads=1, repeats=3,
+                                    print_fn=lines.append, markdown=True)
+    for name, t in res.items():
+        assert len(t["train_ratios"]) == 3 and len(t["eval_ratios"]) == 3
+        assert min(t["train_ratios"]) <= t["train_ratio"] <= max(t["train_ratios"])
+        row = next(line for line in lines if line.startswith(f"| {name} |"))
+        assert f"{t['train_ratio']:.2f}x ({min(t['train_ratios']):.2f}-{max(t['train_ratios']):.2f})" in row
+    assert res["nn.Conv2d"]["train_ratios"] == [1.0, 1.0, 1.0]
+    assert "x 3 runs (median, range)" in lines[0]
+
+
+@pytest.mark.parametrize("kwargs", [{"rounds": 0}, {"repeats": 0}, {"batch": -1}, {"threads": 1.5}, {"repeats": True}])
+def test_layer_benchmark_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        bench.run_layer_benchmark(**{"batch": 2, "channels": 4, "size": 8, "rounds": 1, "threads": 1, **kwargs},
+                                  print_fn=lambda line: None)
+
+
+def test_bench_command_reports_bad_rounds_as_one_line(capsys):
+    assert main(["bench", "--rounds", "0"]) == 2
+    assert "rounds must be a positive integer" in capsys.readouterr().err

@@ -72,10 +72,32 @@ def time_layers(layers: dict[str, nn.Module], x: torch.Tensor, rounds: int, warm
     }
 
 
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _ratio_text(ratios: list[float]) -> str:
+    med = statistics.median(ratios)
+    if len(ratios) == 1:
+        return f"{med:.2f}x"
+    return f"{med:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def run_layer_benchmark(batch=64, channels=64, size=16, kernel=3, rounds=15, threads=2, device="cpu", markdown=False,
-                        print_fn=print) -> dict:
+                        print_fn=print, repeats: int = 1) -> dict:
+    """Time every layer of :func:`layer_factories` against ``nn.Conv2d`` of the same shape.
+
+    ``repeats`` runs of :func:`time_layers` (each ``rounds`` interleaved rounds) give, per
+    layer, the median time and the median and range of the per-run ratios (``train_ratios``
+    / ``eval_ratios``): on a shared or throttled machine one run's ratio can move by ±10 %.
+    """
+    for name, value in (("batch", batch), ("channels", channels), ("size", size), ("kernel", kernel),
+                        ("rounds", rounds), ("repeats", repeats)):
+        _positive_int(name, value)
     if threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(_positive_int("threads", threads))
     device = torch.device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -86,24 +108,33 @@ def run_layer_benchmark(batch=64, channels=64, size=16, kernel=3, rounds=15, thr
     # The input requires grad, as for any layer inside a network: every layer (the plain
     # conv included) computes its input gradient in the training step.
     x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
-    res = time_layers(layers, x, rounds)
-    base = res["nn.Conv2d"]
+    runs = [time_layers(layers, x, rounds) for _ in range(repeats)]
+    res = {}
+    for name in layers:
+        res[name] = {
+            key: statistics.median(run[name][key] for run in runs) for key in ("train", "eval")
+        }
+        for key in ("train", "eval"):
+            res[name][f"{key}_ratios"] = [run[name][key] / run["nn.Conv2d"][key] for run in runs]
+            res[name][f"{key}_ratio"] = statistics.median(res[name][f"{key}_ratios"])
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     alloc = f", CPU allocator {cpu_allocator_state()}" if device.type == "cpu" else ""
-    print_fn(f"batch {batch}, {channels}->{channels} channels, {size}x{size}, kernel {kernel}, {rounds} rounds, {dev_name}, "
-             f"torch {torch.__version__}{alloc}")
+    runs_text = f" x {repeats} runs (median, range)" if repeats > 1 else ""
+    print_fn(f"batch {batch}, {channels}->{channels} channels, {size}x{size}, kernel {kernel}, {rounds} rounds{runs_text}, "
+             f"{dev_name}, torch {torch.__version__}{alloc}")
     if markdown:
         print_fn("| layer | train step (ms) | train ratio | eval forward (ms) | eval ratio |")
         print_fn("|---|---|---|---|---|")
     else:
-        print_fn(f"{'layer':<26} {'train ms':>10} {'ratio':>7} {'eval ms':>10} {'ratio':>7}")
+        width = 20 if repeats > 1 else 7
+        print_fn(f"{'layer':<26} {'train ms':>10} {'ratio':>{width}} {'eval ms':>10} {'ratio':>{width}}")
     for name, t in res.items():
-        tr, ev = t["train"] / base["train"], t["eval"] / base["eval"]
-        t["train_ratio"], t["eval_ratio"] = tr, ev
+        tr, ev = _ratio_text(t["train_ratios"]), _ratio_text(t["eval_ratios"])
         if markdown:
-            print_fn(f"| {name} | {1e3 * t['train']:.2f} | {tr:.2f}x | {1e3 * t['eval']:.2f} | {ev:.2f}x |")
+            print_fn(f"| {name} | {1e3 * t['train']:.2f} | {tr} | {1e3 * t['eval']:.2f} | {ev} |")
         else:
-            print_fn(f"{name:<26} {1e3 * t['train']:>10.2f} {tr:>6.2f}x {1e3 * t['eval']:>10.2f} {ev:>6.2f}x")
+            width = 20 if repeats > 1 else 7
+            print_fn(f"{name:<26} {1e3 * t['train']:>10.2f} {tr:>{width}} {1e3 * t['eval']:>10.2f} {ev:>{width}}")
     return res
 
 

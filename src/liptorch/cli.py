@@ -187,7 +187,8 @@ def cmd_bench(args) -> int:
         return 0
 
     run_layer_benchmark(batch=args.batch, channels=args.channels, size=args.size, kernel=args.kernel,
-                        rounds=args.rounds, threads=args.threads, device=args.device, markdown=args.markdown)
+                        rounds=args.rounds, threads=args.threads, device=args.device, markdown=args.markdown,
+                        repeats=args.repeats)
     return 0
 
 
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--kernel", type=int, default=3)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the interleaved benchmark this many times; report median ratios and their range")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--markdown", action="store_true")
