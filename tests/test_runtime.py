@@ -50,3 +50,20 @@ def test_cli_reports_a_bad_allocator_setting_as_one_line(monkeypatch, capsys):
     assert main(["bench", "--rounds", "1"]) == 2
     err = capsys.readouterr().err
     assert "LIPTORCH_CPU_ALLOCATOR must be 'tuned' or 'default'" in err
+
+
+@pytest.mark.parametrize("env_value,expected", [(None, "tuned"), ("default", "default")])
+def test_command_line_applies_the_setting_and_the_bench_reports_it(env_value, expected):
+    if expected == "tuned" and runtime._glibc() is None:
+        pytest.skip("no glibc here: nothing to tune")
+    env = dict(os.environ)
+    env.pop(runtime.ALLOCATOR_ENV, None)
+    if env_value is not None:
+        env[runtime.ALLOCATOR_ENV] = env_value
+    out = subprocess.run(
+        [sys.executable, "-m", "liptorch", "bench", "--batch", "2", "--channels", "4", "--size", "8", "--rounds", "1",
+         "--threads", "1"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"CPU allocator {expected}" in out.stdout.splitlines()[0]
