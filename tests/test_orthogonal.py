@@ -325,3 +325,44 @@ def test_linear_bad_inputs():
         layer(torch.randn(2, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="Tensor"):
         layer([1.0, 2.0, 3.0, 4.0])
+
+
+@pytest.mark.parametrize("shape", [(12, 4), (3, 40, 8), (4, 9), (9, 4)])
+@pytest.mark.parametrize("scale", ["power", "frobenius", "sqrt"])
+@pytest.mark.parametrize("early_stop,iters", [(True, 20), (False, 12), (False, 2), (True, 4)])
+def test_bjorck_gram_phase_of_tall_matrices_equals_the_plain_iteration(shape, scale, early_stop, iters):
+    """For r ≥ 2c the order-1 iteration first runs on the c×c Gram matrix and hands the
+    last steps to the plain iteration: in float64 its value and gradient equal those of
+    the plain iteration step for step (same iterates, same budget, same stopping rule)."""
+    from liptorch.ops.orthogonalize import _BjorckFn, _BjorckGramFn
+
+    torch.manual_seed(3)
+    w = torch.randn(shape, dtype=torch.float64)
+    tall = w if w.shape[-2] >= w.shape[-1] else w.mT
+    tall = (tall if tall.dim() == 3 else tall.unsqueeze(0)).contiguous().requires_grad_()
+    g = torch.randn_like(tall)
+    gram = _BjorckGramFn.apply(tall, iters, scale, 10, early_stop)
+    plain = _BjorckFn.apply(tall, iters, 1, scale, 10, early_stop)
+    assert torch.allclose(gram, plain, rtol=0, atol=1e-12)
+    (dg,) = torch.autograd.grad(gram, tall, g)
+    (dp,) = torch.autograd.grad(plain, tall, g)
+    assert torch.allclose(dg, dp, rtol=0, atol=1e-11)
+    # the public entry point takes the Gram route for these shapes
+    out = bjorck_orthonormalize(w, iters=iters, scale=scale, early_stop=early_stop)
+    ref = plain.detach() if w.dim() == 3 else plain.detach().squeeze(0)
+    assert torch.allclose(out, ref if w.shape[-2] >= w.shape[-1] else ref.mT, rtol=0, atol=1e-12)
+
+
+def test_bjorck_gram_phase_keeps_float32_orthogonality_for_ill_conditioned_matrices():
+    """The Gram matrix squares the condition number; the plain steps that finish the
+    iteration must bring an ill-conditioned (cond 10³) float32 matrix to the same
+    orthogonality as the plain iteration alone."""
+    torch.manual_seed(4)
+    r, c = 512, 64
+    u, _ = torch.linalg.qr(torch.randn(r, c, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))
+    w = ((u * torch.logspace(0, -3, c, dtype=torch.float64)) @ v.T).float()
+    out = bjorck_orthonormalize(w, iters=20).double()
+    sv = torch.linalg.svdvals(out)
+    assert (sv.max() - 1).abs() < 2e-6
+    assert (out.mT @ out - torch.eye(c, dtype=torch.float64)).abs().max() < 2e-5
