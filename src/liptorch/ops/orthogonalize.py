@@ -224,16 +224,20 @@ def bjorck_forward_pass(w: torch.Tensor, iters: int, order: int, scale: str, pow
                         early_stop: bool, save: bool):
     """No-grad Björck on a tall or square batch (B, r, c): returns (O, saved, s) where
     ``saved`` holds what :func:`bjorck_backward_pass` needs (empty unless ``save``)."""
+    a0, gram0, s = _scaled_start(w, scale, power_iters)
+    a, saved = _bjorck_forward(a0, gram0, iters, order, early_stop, save)
+    return a, saved, s
+
+
+def _scaled_start(w: torch.Tensor, scale: str, power_iters: int):
+    """(A₀ = W / s, A₀ᵀA₀ or None, s): the power scale reuses its Gram matrix."""
     if scale == "power":
         gram = w.mT @ w
         s2 = _power_on_gram(gram, power_iters).clamp_min(torch.finfo(w.dtype).tiny)
         s = s2.sqrt().reshape(-1, 1, 1)
-        gram0 = gram / s2.reshape(-1, 1, 1)
-    else:
-        s = bjorck_scale(w, scale, power_iters)
-        gram0 = None
-    a, saved = _bjorck_forward(w / s, gram0, iters, order, early_stop, save)
-    return a, saved, s
+        return w / s, gram / s2.reshape(-1, 1, 1), s
+    s = bjorck_scale(w, scale, power_iters)
+    return w / s, None, s
 
 
 def bjorck_backward_pass(grad: torch.Tensor, saved, order: int, s: torch.Tensor) -> torch.Tensor:
@@ -323,18 +327,11 @@ class _BjorckGramFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, iters, scale, power_iters, early_stop):
-        if scale == "power":
-            gram = w.mT @ w
-            s2 = _power_on_gram(gram, power_iters).clamp_min(torch.finfo(w.dtype).tiny)
-            s = s2.sqrt().reshape(-1, 1, 1)
-            gram0 = gram / s2.reshape(-1, 1, 1)
-        else:
-            s = bjorck_scale(w, scale, power_iters)
-            gram0 = None
-        a0 = w / s
         save = ctx.needs_input_grad[0]
-        a, state, steps = _bjorck_gram_forward(a0, gram0, iters, save)
-        a, saved = _bjorck_forward(a, gram0 if steps == 0 else None, iters - steps, 1, early_stop, save)
+        with serial_for(w):
+            a0, gram0, s = _scaled_start(w, scale, power_iters)
+            a, state, steps = _bjorck_gram_forward(a0, gram0, iters, save)
+            a, saved = _bjorck_forward(a, gram0 if steps == 0 else None, iters - steps, 1, early_stop, save)
         ctx.state, ctx.saved = state, saved
         ctx.save_for_backward(a0, s)
         return a
@@ -343,8 +340,10 @@ class _BjorckGramFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         a0, s = ctx.saved_tensors
-        g = _bjorck_backward(grad.contiguous(), ctx.saved, 1)
-        return _bjorck_gram_backward(g, a0, ctx.state) / s, None, None, None, None
+        with serial_for(grad):
+            g = _bjorck_backward(grad.contiguous(), ctx.saved, 1)
+            g = _bjorck_gram_backward(g, a0, ctx.state) / s
+        return g, None, None, None, None
 
 
 def bjorck_orthonormalize(
