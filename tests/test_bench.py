@@ -83,11 +83,11 @@ def test_layer_benchmark_repeats_report_median_and_range():
 
 @pytest.mark.parametrize("kwargs", [{"rounds": 0}, {"repeats": 0}, {"batch": -1}, {"threads": 1.5}, {"repeats": True}])
 def test_layer_benchmark_rejects_bad_settings(kwargs):
-    with pytest.raises(ValueError, match="must be a positive integer"):
+    with pytest.raises(ValueError, match=r"must be an integer >= 1"):
         bench.run_layer_benchmark(**{"batch": 2, "channels": 4, "size": 8, "rounds": 1, "threads": 1, **kwargs},
                                   print_fn=lambda line: None)
 
 
 def test_bench_command_reports_bad_rounds_as_one_line(capsys):
     assert main(["bench", "--rounds", "0"]) == 2
-    assert "rounds must be a positive integer" in capsys.readouterr().err
+    assert "rounds must be an integer >= 1" in capsys.readouterr().err

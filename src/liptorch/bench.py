@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .nn.base import check_positive_int
 from .runtime import cpu_allocator_state
 
 __all__ = ["layer_factories", "run_layer_benchmark", "time_layers"]
@@ -72,12 +73,6 @@ def time_layers(layers: dict[str, nn.Module], x: torch.Tensor, rounds: int, warm
     }
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _ratio_text(ratios: list[float]) -> str:
     med = statistics.median(ratios)
     if len(ratios) == 1:
@@ -95,9 +90,9 @@ def run_layer_benchmark(batch=64, channels=64, size=16, kernel=3, rounds=15, thr
     """
     for name, value in (("batch", batch), ("channels", channels), ("size", size), ("kernel", kernel),
                         ("rounds", rounds), ("repeats", repeats)):
-        _positive_int(name, value)
+        check_positive_int(name, value)
     if threads:
-        torch.set_num_threads(_positive_int("threads", threads))
+        torch.set_num_threads(check_positive_int("threads", threads))
     device = torch.device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -122,18 +117,17 @@ def run_layer_benchmark(batch=64, channels=64, size=16, kernel=3, rounds=15, thr
     runs_text = f" x {repeats} runs (median, range)" if repeats > 1 else ""
     print_fn(f"batch {batch}, {channels}->{channels} channels, {size}x{size}, kernel {kernel}, {rounds} rounds{runs_text}, "
              f"{dev_name}, torch {torch.__version__}{alloc}")
+    width = 20 if repeats > 1 else 7  # ratio column of the plain-text table
     if markdown:
         print_fn("| layer | train step (ms) | train ratio | eval forward (ms) | eval ratio |")
         print_fn("|---|---|---|---|---|")
     else:
-        width = 20 if repeats > 1 else 7
         print_fn(f"{'layer':<26} {'train ms':>10} {'ratio':>{width}} {'eval ms':>10} {'ratio':>{width}}")
     for name, t in res.items():
         tr, ev = _ratio_text(t["train_ratios"]), _ratio_text(t["eval_ratios"])
         if markdown:
             print_fn(f"| {name} | {1e3 * t['train']:.2f} | {tr} | {1e3 * t['eval']:.2f} | {ev} |")
         else:
-            width = 20 if repeats > 1 else 7
             print_fn(f"{name:<26} {1e3 * t['train']:>10.2f} {tr:>{width}} {1e3 * t['eval']:>10.2f} {ev:>{width}}")
     return res
 
