@@ -49,7 +49,7 @@ _POOL_PID = -1
 _POOL_LOCK = threading.Lock()
 
 
-def _per_slice_lapack(fn, *tensors: torch.Tensor) -> torch.Tensor:
+def _per_slice_lapack(fn, *tensors: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``fn(*tensors)`` for a batched LAPACK call on CPU, with the batch split across
     ``torch.get_num_threads()`` threads (the caller and pool threads) that each run
     single-threaded BLAS/LAPACK on their slice.
@@ -66,7 +66,7 @@ def _per_slice_lapack(fn, *tensors: torch.Tensor) -> torch.Tensor:
     nt = torch.get_num_threads()
     batch = tensors[0].shape[0] if tensors[0].dim() >= 3 else 1
     if tensors[0].device.type != "cpu" or nt <= 1 or batch < 2 or tensors[0].dim() < 3:
-        return fn(*tensors)
+        return fn(*tensors) if out is None else fn(*tensors, out=out)
     workers = min(nt, batch)
     with _POOL_LOCK:
         if _POOL is None or _POOL._max_workers < workers - 1 or _POOL_PID != os.getpid():
@@ -79,7 +79,7 @@ def _per_slice_lapack(fn, *tensors: torch.Tensor) -> torch.Tensor:
         def run(i: int):
             sl = slice(bounds[i], bounds[i + 1])
             args = [t[sl] for t in tensors]
-            return fn(*args)
+            return fn(*args) if out is None else fn(*args, out=out[sl])
 
         torch.set_num_threads(1)
         try:
@@ -87,7 +87,7 @@ def _per_slice_lapack(fn, *tensors: torch.Tensor) -> torch.Tensor:
             parts = [run(0)] + [f.result() for f in futures]  # the calling thread takes slice 0
         finally:
             torch.set_num_threads(nt)
-    return torch.cat(parts, dim=0)
+    return torch.cat(parts, dim=0) if out is None else out
 
 
 def _eye_like(m: torch.Tensor) -> torch.Tensor:
