@@ -399,9 +399,13 @@ def test_forward_is_deterministic_and_leaves_global_rng_alone():
     y2 = layer(x)
     layer.eval()
     y3 = layer(x)
+    y4 = layer(x)
     layer.lipschitz_bound()
     assert torch.equal(torch.get_rng_state(), state)
-    assert torch.equal(y1, y2) and torch.equal(y1.detach(), y3)
+    assert torch.equal(y1, y2) and torch.equal(y3, y4)
+    # Train mode convolves in the input's layout (NCHW here), eval in channels_last:
+    # the same kernel, summed in another order.
+    assert torch.allclose(y1.detach(), y3, rtol=0, atol=1e-6)
 
 
 def test_no_grad_forwards_reusing_the_pad_workspace_stay_independent():
@@ -483,20 +487,29 @@ def test_circular_pad_backward_is_the_adjoint_and_keeps_the_input_layout(before,
 
 @pytest.mark.parametrize("before,after,c_in,c_out", [(1, 1, 3, 4), (2, 1, 4, 2), (1, 0, 2, 2), (0, 2, 3, 3), (2, 2, 2, 5)])
 @pytest.mark.parametrize("grad_layout", ["nchw", "channels_last"])
-def test_circular_conv2d_backward_matches_autograd_through_the_pad(before, after, c_in, c_out, grad_layout):
+@pytest.mark.parametrize("x_layout,layout", [("nchw", "input"), ("channels_last", "input"), ("nchw", "channels_last")])
+def test_circular_conv2d_backward_matches_autograd_through_the_pad(before, after, c_in, c_out, grad_layout, x_layout, layout):
     """circular_conv2d's hand-written backward (input gradient as a circular convolution
     with the adjoint kernel, weight gradient against the padded input) equals autograd
     through F.pad + F.conv2d for every subset of inputs requiring grad, with either
-    incoming gradient layout, and passes gradcheck."""
+    incoming gradient layout, in both computation layouts, and passes gradcheck.  The
+    output has the chosen layout and is bit-identical to the no-grad forward's."""
     torch.manual_seed(0)
     k = before + after + 1
-    x = torch.randn(2, c_in, 5, 4, dtype=torch.float64)
+    x_fmt = torch.channels_last if x_layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, c_in, 5, 4, dtype=torch.float64).contiguous(memory_format=x_fmt)
     w = torch.randn(c_out, c_in, k, k, dtype=torch.float64)
     b = torch.randn(c_out, dtype=torch.float64)
     fmt = torch.channels_last if grad_layout == "channels_last" else torch.contiguous_format
+    y_fmt = torch.channels_last if "channels_last" in (x_layout, layout) else torch.contiguous_format
+    with torch.no_grad():
+        y_nograd = circular_conv2d(x, w, b, before, after, layout=layout)
+    assert y_nograd.is_contiguous(memory_format=y_fmt)
     for need in [(True, True, True), (True, False, False), (False, True, False), (False, False, True), (True, True, False)]:
         leaves = [t.clone().requires_grad_(r) for t, r in zip((x, w, b), need)]
-        y = circular_conv2d(*leaves, before, after)
+        y = circular_conv2d(*leaves, before, after, layout=layout)
+        assert y.is_contiguous(memory_format=y_fmt)
+        assert torch.equal(y.detach(), y_nograd)
         ref = F.conv2d(F.pad(leaves[0], (before, after, before, after), mode="circular"), leaves[1], leaves[2])
         assert torch.allclose(y, ref, rtol=0, atol=1e-12)
         g = torch.randn_like(ref).contiguous(memory_format=fmt)
@@ -507,11 +520,40 @@ def test_circular_conv2d_backward_matches_autograd_through_the_pad(before, after
             assert a.shape == e.shape
             assert torch.allclose(a, e, rtol=0, atol=1e-10)
     args = (x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_())
-    assert torch.autograd.gradcheck(lambda *t: circular_conv2d(*t, before, after), args)
+    assert torch.autograd.gradcheck(lambda *t: circular_conv2d(*t, before, after, layout=layout), args)
     # no bias, and an input smaller than the padding (falls back to the wrap-many pad)
     small = torch.randn(1, c_in, 1, 2, dtype=torch.float64, requires_grad=True)
     wb = w.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda t, u: circular_conv2d(t, u, None, before, after), (small, wb))
+
+
+def test_circular_conv2d_rejects_an_unknown_layout():
+    x, w = torch.randn(1, 2, 4, 4), torch.randn(2, 2, 3, 3)
+    with pytest.raises(ValueError, match="layout must be 'input' or 'channels_last'"):
+        circular_conv2d(x, w, None, 1, 1, layout="nhwc")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bcop_output_layout_follows_the_input_in_training_and_is_channels_last_in_eval(channels_last):
+    """Training-mode forwards keep the input's layout (the faster weight gradient for
+    NCHW); eval-mode forwards, with or without a graph, run in channels_last and agree
+    bit for bit; train and eval differ only by summation order."""
+    torch.manual_seed(3)
+    layer = BCOPConv2d(4, 4, 3).double()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    y_train = layer(x)
+    assert y_train.is_contiguous(memory_format=fmt)
+    layer.eval()
+    y_graph = layer(x)
+    with torch.no_grad():
+        y_eval = layer(x)
+    assert y_eval.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y_graph.detach(), y_eval)
+    assert torch.allclose(y_train.detach(), y_eval, rtol=0, atol=1e-13)
+    (gx,) = torch.autograd.grad(y_graph, x, torch.ones_like(y_graph))
+    (gt,) = torch.autograd.grad(y_train, x, torch.ones_like(y_train))
+    assert torch.allclose(gx, gt, rtol=0, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- validation
