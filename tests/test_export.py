@@ -104,6 +104,8 @@ LAYERS = {
     "soc-stride2-grow": (lambda: SOCConv2d(3, 14, 3, stride=2, eval_terms=9), (3, 6, 6)),
     "soc-shrink-1x1": (lambda: SOCConv2d(8, 3, 1, bias=False), (8, 4, 4)),
     "soc-stride2-shrink": (lambda: SOCConv2d(4, 10, 3, stride=2), (4, 4, 4)),
+    "soc-circular": (lambda: SOCConv2d(3, 6, 3, padding_mode="circular"), (3, 6, 5)),
+    "soc-circular-stride2-shrink": (lambda: SOCConv2d(4, 10, 3, stride=2, padding_mode="circular"), (4, 4, 6)),
     "sandwich-linear": (lambda: SandwichLinear(6, 5, scale=2.0), (6,)),
     "sandwich-linear-tanh": (lambda: SandwichLinear(6, 4, activation="tanh"), (6,)),
     "sandwich-linear-id": (lambda: SandwichLinear(6, 4, activation=None), (6,)),
@@ -370,7 +372,7 @@ def test_all_fixed_modules_script_and_onnx_round_trip(tmp_path):
     torch.manual_seed(8)
     model = nn.Sequential(
         Normalize([0.3, 0.4], [0.5, 0.6]), SpatialPad(6), BCOPConv2d(2, 4, 4, stride=2), MaxMin(),
-        SOCConv2d(4, 6, 3), HouseholderActivation(6, 2), HouseholderActivation(6, 1), ManifoldPool(6),
+        SOCConv2d(4, 6, 3), SOCConv2d(6, 6, 3, padding_mode="circular"), HouseholderActivation(6, 2), HouseholderActivation(6, 1), ManifoldPool(6),
         ChannelPad(4), GroupSort(2), SandwichConv2d(4, 4, 3, 3), PairMaxPool(4), FirstChannels(1), Scale(1.5),
         nn.Flatten(), MLPHead(9, 8, 3),
     )

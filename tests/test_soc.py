@@ -48,13 +48,18 @@ def impulse_jacobian(fn, c: int, h: int, w: int, dtype=F64) -> torch.Tensor:
     return out.reshape(basis.shape[0], -1).T.to(F64)
 
 
-def conv_same(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
-    return F.conv2d(x, filt, padding=(filt.shape[-1] - 1) // 2)
+def conv_same(x: torch.Tensor, filt: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    p = (filt.shape[-1] - 1) // 2
+    if padding_mode == "circular":
+        return F.conv2d(F.pad(x, (p, p, p, p), mode="circular") if p else x, filt)
+    return F.conv2d(x, filt, padding=p)
 
 
-def reference_forward(layer: SOCConv2d, x: torch.Tensor, terms: int) -> torch.Tensor:
-    """Independent forward: forward accumulation Σ A^j x / j! with the layer's filter."""
-    filt = layer.cached_operator()
+def reference_forward(layer: SOCConv2d, x: torch.Tensor, terms: int, filt: torch.Tensor | None = None) -> torch.Tensor:
+    """Independent forward: forward accumulation Σ A^j x / j! with the layer's filter
+    (direct convolutions, zero or circular padding as the layer's padding_mode)."""
+    if filt is None:
+        filt = layer.cached_operator()
     if layer.stride == 2:
         x = F.pixel_unshuffle(x, 2)
     pad = layer.channels - x.shape[1]
@@ -62,7 +67,7 @@ def reference_forward(layer: SOCConv2d, x: torch.Tensor, terms: int) -> torch.Te
         x = torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1)
     term, total = x, x
     for j in range(1, terms):
-        term = conv_same(term, filt) / j
+        term = conv_same(term, filt, layer.padding_mode) / j
         total = total + term
     total = total[:, : layer.out_channels]
     if layer.bias is not None:
@@ -287,9 +292,10 @@ _CHANNELS = {
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("relation", ["fewer_out", "equal", "more_out"])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_exact_jacobian_grid(k, relation, stride, dtype):
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+def test_exact_jacobian_grid(padding_mode, k, relation, stride, dtype):
     c_in, c_out = _CHANNELS[stride][relation]
-    layer = make_layer(c_in, c_out, k, stride=stride, dtype=dtype, seed=k + 7 * stride)
+    layer = make_layer(c_in, c_out, k, stride=stride, dtype=dtype, seed=k + 7 * stride, padding_mode=padding_mode)
     train_steps(layer, (3, c_in, 4, 4), steps=3)
     layer.eval()
     tol_bound = 1e-6 if dtype == F64 else 1e-5
@@ -299,8 +305,9 @@ def test_exact_jacobian_grid(k, relation, stride, dtype):
         y = layer(x)
         assert y.shape == (4, c_out, n // stride, n // stride)
         assert y.dtype == dtype
-        ref = reference_forward(layer, x, layer.eval_terms)
-        torch.testing.assert_close(y, ref, rtol=1e-5 if dtype != F64 else 1e-11, atol=1e-5 if dtype != F64 else 1e-12)
+        if padding_mode == "zeros" or n // stride >= (k - 1) // 2:  # F.pad wraps at most once
+            ref = reference_forward(layer, x, layer.eval_terms)
+            torch.testing.assert_close(y, ref, rtol=1e-5 if dtype != F64 else 1e-11, atol=1e-5 if dtype != F64 else 1e-12)
         j = impulse_jacobian(layer, c_in, n, n, dtype=dtype)
         s = singular_values(j)
         bound = layer.lipschitz_bound((n, n))
@@ -488,6 +495,7 @@ def test_bad_arguments_raise():
         dict(stride=3), dict(stride=0), dict(stride=(1, 2)), dict(train_terms=1), dict(eval_terms=0),
         dict(train_terms=2.0), dict(correction=0.0), dict(correction=-1.0), dict(correction=float("nan")),
         dict(correction="0.7"), dict(power_iters_init=0), dict(fast_backward="yes"), dict(bias="no"),
+        dict(padding_mode="reflect"), dict(padding_mode=None),
     ]
     for kw in bad:
         args = dict(in_channels=4, out_channels=4, kernel_size=3)
@@ -612,3 +620,86 @@ def test_double_backward_default_and_custom_refusal():
         (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
         with pytest.raises(RuntimeError):
             gx.sum().backward()
+
+
+# ----------------------------------------------------------------------------------------
+# padding_mode="circular": the exponential frequency by frequency
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k,stride,c_in,c_out,n", [(3, 1, 4, 4, 5), (5, 1, 3, 5, 6), (3, 2, 2, 6, 6), (1, 1, 6, 4, 3), (3, 1, 6, 3, 4)])
+def test_circular_matches_direct_circular_convolutions_and_gradients_are_exact(k, stride, c_in, c_out, n):
+    """The frequency-domain forward equals Horner with direct circularly padded
+    convolutions, in training (6 terms) and eval (15 terms), and its gradients (input,
+    weight, bias) equal autograd through that direct reference with the same filter."""
+    layer = make_layer(c_in, c_out, k, stride=stride, seed=k + n, padding_mode="circular")
+    train_steps(layer, (2, c_in, n, n), steps=2)
+    twin = copy.deepcopy(layer)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, c_in, n, n, generator=gen, dtype=F64)
+    g = torch.randn(3, c_out, n // stride, n // stride, generator=gen, dtype=F64)
+    layer.train()
+    xl = x.clone().requires_grad_()
+    y = layer(xl)
+    grads = torch.autograd.grad(y, [xl, layer.weight, layer.bias], g)
+    xt = x.clone().requires_grad_()
+    filt = twin.compute_operator()  # the same power-iteration update as layer's forward
+    ref = reference_forward(twin, xt, twin.train_terms, filt)
+    torch.testing.assert_close(y, ref, rtol=1e-11, atol=1e-12)
+    ref_grads = torch.autograd.grad(ref, [xt, twin.weight, twin.bias], g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    layer.eval()
+    torch.testing.assert_close(layer(x), reference_forward(layer, x, layer.eval_terms), rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_circular_orthogonal_bound_is_the_exact_norm_and_any_size_works(dtype):
+    """k = 5 on sizes below, at and above the kernel (the spectrum wraps, no F.pad
+    reference needed): square layers are orthogonal, the bound is ≥ the exact σ_max and
+    within float rounding of it, and the size-free fallback is ≥ the sized bound."""
+    layer = make_layer(3, 3, 5, dtype=dtype, seed=3, padding_mode="circular")
+    train_steps(layer, (2, 3, 6, 6), steps=3)
+    layer.eval()
+    tol = 1e-12 if dtype == F64 else 1e-6
+    for n in (1, 2, 3, 7):
+        j = impulse_jacobian(layer, 3, n, n, dtype=dtype)
+        s = singular_values(j)
+        bound = layer.lipschitz_bound((n, n))
+        assert float(s[0]) <= bound * (1 + (1e-12 if dtype == F64 else 1e-6))
+        assert bound - float(s[0]) < tol  # the exact norm of the operator used, not a tail bound
+        assert (s - 1).abs().max() < 1e-4
+    sized = layer.lipschitz_bound((7, 7))
+    object.__setattr__(layer, "_last_input_size", None)
+    assert layer.lipschitz_bound(None) >= sized
+
+
+def test_circular_eval_cache_follows_parameters_and_sizes():
+    layer = make_layer(4, 4, 3, seed=8, padding_mode="circular")
+    x5, x6 = torch.randn(2, 4, 5, 5, dtype=F64), torch.randn(2, 4, 6, 6, dtype=F64)
+    layer.eval()
+    y5, y6 = layer(x5), layer(x6)
+    torch.testing.assert_close(layer(x5), y5, rtol=0, atol=0)  # back to size 5: recomputed, same
+    train_steps(layer, (2, 4, 5, 5), steps=1)
+    layer.eval()
+    fresh = copy.deepcopy(layer)
+    fresh.invalidate_cache()
+    object.__setattr__(fresh, "_freq_memo", None)
+    torch.testing.assert_close(layer(x6), fresh(x6), rtol=0, atol=0)
+    assert (layer(x6) - y6).abs().max() > 1e-4
+    other = make_layer(4, 4, 3, seed=9, padding_mode="circular").eval()
+    other(x6)
+    other.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(other(x6), layer(x6), rtol=0, atol=0)
+    assert other.lipschitz_bound((6, 6)) == layer.lipschitz_bound((6, 6))
+
+
+def test_circular_gradient_norm_preservation_and_fast_backward_refused():
+    layer = make_layer(4, 4, 3, seed=2, padding_mode="circular")
+    train_steps(layer, (2, 4, 6, 6))
+    layer.eval()
+    x = torch.randn(3, 4, 6, 6, dtype=F64, requires_grad=True)
+    g = torch.randn(3, 4, 6, 6, dtype=F64)
+    (gx,) = torch.autograd.grad(layer(x), x, g)
+    assert abs(float(gx.norm() / g.norm()) - 1) < 1e-9
+    with pytest.raises(ValueError, match="fast_backward"):
+        SOCConv2d(4, 4, 3, padding_mode="circular", fast_backward=True)
+    assert "padding_mode='circular'" in repr(layer)

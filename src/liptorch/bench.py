@@ -33,6 +33,7 @@ def layer_factories(channels: int, size: int, kernel: int) -> dict[str, Callable
         "BCOPConv2d": lambda: BCOPConv2d(c, c, k),
         "SOCConv2d": lambda: SOCConv2d(c, c, k),
         "SOCConv2d(fast_backward)": lambda: SOCConv2d(c, c, k, fast_backward=True),
+        "SOCConv2d(circular)": lambda: SOCConv2d(c, c, k, padding_mode="circular"),
         "SandwichConv2d": lambda: SandwichConv2d(c, c, k, size),
     }
 

@@ -22,6 +22,7 @@ liptorch layer                        exported as
 ``LBDN``                              its own ``LBDN.export()`` (a merged plain MLP)
 ``MLPHead``                           ``nn.Linear`` + ``nn.Softplus(beta)`` + ``nn.Linear``
 ``SOCConv2d``                         [``nn.PixelUnshuffle``] + :class:`SkewExpConv2d`
+                                      (direct convolutions, zero or circular padding)
 ``SandwichConv2d``                    [``nn.PixelUnshuffle``] + two :class:`FourierConv2d`
                                       (or two dense circular ``nn.Conv2d`` with
                                       ``sandwich_conv="dense"``), activation between;
@@ -115,7 +116,8 @@ def _check_pairs(x: torch.Tensor, channels: int, name: str) -> None:
 
 
 class SkewExpConv2d(nn.Module):
-    """y = S_K(A)·x̃ (+ bias) with A the fixed zero-padded "same" convolution by L.
+    """y = S_K(A)·x̃ (+ bias) with A the fixed "same" convolution by L, zero-padded or
+    (``padding_mode="circular"``) circularly padded.
 
     The exported form of ``SOCConv2d``: x̃ is x zero-padded in channels to c,
     S_K(A)x̃ = Σ_{j<K} Aʲx̃/j! is evaluated by Horner's rule (z ← x̃ + conv(z, L/i),
@@ -124,13 +126,19 @@ class SkewExpConv2d(nn.Module):
     channels are kept (the last convolution computes only those).  ``filters`` holds
     L/i for i = 1 … K−1 (entry i−1), ``last_filter`` the first ``out_channels`` output
     rows of L.  ``in_channels`` is the channel count of the input (≤ c).  On CPU the
-    float32/bfloat16 work runs in channels_last memory, as the original layer does.
+    float32/bfloat16 work runs in channels_last memory, as the original layer does.  A
+    circular ``SOCConv2d`` evaluates the same map frequency by frequency; here it is the
+    direct Horner form (equal up to rounding; circular padding needs H, W ≥ k // 2).
     """
 
     def __init__(
-        self, filters: torch.Tensor, bias: Optional[torch.Tensor], in_channels: int, out_channels: int
+        self, filters: torch.Tensor, bias: Optional[torch.Tensor], in_channels: int, out_channels: int,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
+        if padding_mode not in ("zeros", "circular"):
+            raise ValueError(f"padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
+        self.circular = padding_mode == "circular"
         if filters.dim() != 5 or filters.shape[1] != filters.shape[2] or filters.shape[-1] % 2 == 0:
             raise ValueError(f"SkewExpConv2d expects (K−1, c, c, k, k) filters with odd k, got {tuple(filters.shape)}")
         self.channels = int(filters.shape[1])
@@ -156,15 +164,22 @@ class SkewExpConv2d(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         z = x
         for i in range(self.terms - 1, 1, -1):
-            z = F.conv2d(z, self.filters[i - 1], None, 1, self.padding) + x
+            z = self._conv(z, self.filters[i - 1], None) + x
         if self.out_channels == self.channels:
-            return F.conv2d(z, self.filters[0], self.bias, 1, self.padding) + x
-        return F.conv2d(z, self.last_filter, self.bias, 1, self.padding) + x[:, : self.out_channels]
+            return self._conv(z, self.filters[0], self.bias) + x
+        return self._conv(z, self.last_filter, self.bias) + x[:, : self.out_channels]
+
+    def _conv(self, z: torch.Tensor, filt: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        p = self.padding
+        if self.circular and p > 0:
+            return F.conv2d(F.pad(z, [p, p, p, p], mode="circular"), filt, bias)
+        return F.conv2d(z, filt, bias, 1, p)
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, channels={self.channels}, terms={self.terms}, "
             f"padding={self.padding}, bias={self.bias is not None}"
+            + (", padding_mode='circular'" if self.circular else "")
         )
 
 
@@ -581,7 +596,7 @@ def _soc(m, ctx) -> nn.Module:
     parts: list[nn.Module] = []
     if m.stride == 2:
         parts.append(nn.PixelUnshuffle(2))
-    parts.append(SkewExpConv2d(filters, m.bias, m.in_channels_eff, m.out_channels))
+    parts.append(SkewExpConv2d(filters, m.bias, m.in_channels_eff, m.out_channels, m.padding_mode))
     return _sequential(parts)
 
 

@@ -191,6 +191,7 @@ def _lipconvnet(depth: int):
     def build(
         in_channels, image_size, num_classes, head="ortho", activation="maxmin", pool="none", width=32,
         mean=None, std=0.2507, train_terms=6, eval_terms=15, fast_backward=False, mlp_hidden=None,
+        padding_mode="zeros",
     ):
         from ..nn.heads import LLNLinear, MLPHead
         from ..nn.soc import SOCConv2d
@@ -200,7 +201,7 @@ def _lipconvnet(depth: int):
         if head not in ("ortho", "lln", "mlp"):
             raise ValueError(f"head must be 'ortho', 'lln' or 'mlp', got {head!r}")
         b = depth // 5
-        soc = dict(train_terms=train_terms, eval_terms=eval_terms, fast_backward=fast_backward)
+        soc = dict(train_terms=train_terms, eval_terms=eval_terms, fast_backward=fast_backward, padding_mode=padding_mode)
         h, w = image_size
         side = 32 * math.ceil(max(h, w) / 32)
         layers: list[nn.Module] = [Normalize(_mean(in_channels, mean), std if std is not None else 1.0)]

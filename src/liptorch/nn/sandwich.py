@@ -35,6 +35,7 @@ from torch import nn
 
 from ..ops.cayley import cayley_residual_norm, cayley_rows, fold_sandwich_scales, sandwich_residual_bound
 from ..ops.freq_major import (
+    hermitian_symmetrize,
     irfft2_freq_major,
     rfft2_freq_major,
     tap_gram_weights,
@@ -364,22 +365,6 @@ def _pair(name: str, value) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def _hermitian_symmetrize(k: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Make the self-paired columns f₂ = 0 (and W/2) of a half-plane operator exactly
-    Hermitian-consistent: K[−f₁, f₂] = conj(K[f₁, f₂]) bit for bit (self-conjugate bins
-    become exactly real).  Then the real map x ↦ irfft2(K x̂) is exactly the circulant
-    operator with blocks K[f], whose norm is the max over the stored frequencies."""
-    h, w = size
-    wf = w // 2 + 1
-    kv = k.view(h, wf, *k.shape[1:])
-    rows = (-torch.arange(h, device=k.device)) % h
-    cols = [0] + ([w // 2] if w % 2 == 0 and w // 2 != 0 else [])
-    for j in cols:
-        col = kv[:, j]
-        kv[:, j] = (col + col[rows].conj()) * 0.5
-    return k
-
-
 class SandwichConv2d(LipschitzModule):
     r"""Convolutional sandwich layer (LBDN §3, Algorithm 1) at a fixed spatial size.
 
@@ -549,13 +534,13 @@ class SandwichConv2d(LipschitzModule):
             # Row form: ŷᵀ = x̂ᵀ (2·s·Ãᴴ B̃)ᵀ = x̂ᵀ · (−4s)·Bhᵀ·conj(Ã)
             k1 = ((-4.0 * s) * (bht @ at.mH)).to(cd)
             if precise:
-                k1 = _hermitian_symmetrize(k1.contiguous(), self.conv_size)
+                k1 = hermitian_symmetrize(k1.contiguous(), self.conv_size)
             return _ConvOp(False, True, k1, None, self.bias, None)
         # Row form: ŵᵀ = x̂ᵀ·k1, k1 = (√2·s·Ψ⁻¹B̃)ᵀ (F, p, q);  ŷᵀ = ûᵀ·k2, k2 = (√2·ÃᴴΨ)ᵀ (F, q, q)
         k1, k2 = fold_sandwich_scales(at, bht, psi, -2.0 * _SQRT2 * s, _SQRT2)
         if precise:
-            k1 = _hermitian_symmetrize(k1.to(cd).contiguous(), self.conv_size)
-            k2 = _hermitian_symmetrize(k2.to(cd).contiguous(), self.conv_size)
+            k1 = hermitian_symmetrize(k1.to(cd).contiguous(), self.conv_size)
+            k2 = hermitian_symmetrize(k2.to(cd).contiguous(), self.conv_size)
             psi = psi.detach().to(torch.float64)
         return _ConvOp(False, False, k1, k2, self.bias, psi)
 

@@ -35,7 +35,14 @@ import math
 
 import torch
 
-__all__ = ["rfft2_freq_major", "irfft2_freq_major", "freq_count", "tap_phase_matrix", "tap_gram_weights"]
+__all__ = [
+    "rfft2_freq_major",
+    "irfft2_freq_major",
+    "freq_count",
+    "hermitian_symmetrize",
+    "tap_phase_matrix",
+    "tap_gram_weights",
+]
 
 
 def freq_count(size: tuple[int, int]) -> int:
@@ -260,3 +267,19 @@ def tap_phase_matrix(kernel_size, size, offset=None) -> torch.Tensor:
 def tap_gram_weights(phases: torch.Tensor) -> torch.Tensor:
     """Re(Φᵀ conj(Φ)) (float64): ‖K̂‖_F² over the stored frequencies = Σ_{t,t'} Q[t,t'] ⟨K_t, K_t'⟩."""
     return (phases.mT @ phases.conj()).real.to(torch.float64)
+
+
+def hermitian_symmetrize(k: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Make the self-paired columns f₂ = 0 (and W/2) of a half-plane operator exactly
+    Hermitian-consistent: K[−f₁, f₂] = conj(K[f₁, f₂]) bit for bit (self-conjugate bins
+    become exactly real).  Then the real map x ↦ irfft2(K x̂) is exactly the circulant
+    operator with blocks K[f], whose norm is the max over the stored frequencies."""
+    h, w = size
+    wf = w // 2 + 1
+    kv = k.view(h, wf, *k.shape[1:])
+    rows = (-torch.arange(h, device=k.device)) % h
+    cols = [0] + ([w // 2] if w % 2 == 0 and w // 2 != 0 else [])
+    for j in cols:
+        col = kv[:, j]
+        kv[:, j] = (col + col[rows].conj()) * 0.5
+    return k
