@@ -23,3 +23,4 @@ run mlp-head --head mlp
 run manifold-pool --pool manifold
 run max-pool --pool max
 run fast-backward --fast-backward
+run circular --model-arg padding_mode=circular

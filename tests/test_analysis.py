@@ -17,6 +17,9 @@ def small_models():
                                OrthogonalLinear(16, 3)), (2, 4, 4)),
         "soc": (nn.Sequential(SOCConv2d(2, 4, 3), MaxMin(), SOCConv2d(4, 4, 3, stride=2), nn.Flatten(),
                               OrthogonalLinear(16, 3)), (2, 4, 4)),
+        "soc-circular": (nn.Sequential(SOCConv2d(2, 4, 3, padding_mode="circular"), MaxMin(),
+                                       SOCConv2d(4, 4, 3, stride=2, padding_mode="circular"), nn.Flatten(),
+                                       OrthogonalLinear(16, 3)), (2, 4, 4)),
         "sandwich": (nn.Sequential(SandwichConv2d(2, 4, 3, 4), SandwichConv2d(4, 4, 3, 4, stride=2), nn.Flatten(),
                                    OrthogonalLinear(16, 3)), (2, 4, 4)),
         "lbdn": (nn.Sequential(nn.Flatten(), LBDN(32, [16, 16], 3, gamma=2.0)), (2, 4, 4)),
@@ -34,7 +37,7 @@ def _train_a_bit(model, shape):
     return model.eval()
 
 
-@pytest.mark.parametrize("name", ["bcop", "soc", "sandwich", "lbdn"])
+@pytest.mark.parametrize("name", ["bcop", "soc", "soc-circular", "sandwich", "lbdn"])
 def test_upper_bound_dominates_exact_jacobians_and_lower_bounds(name):
     model, shape = small_models()[name]
     model = _train_a_bit(model.double(), shape)
@@ -80,4 +83,23 @@ def test_certificates_of_tampered_model_are_refuted_by_attack():
     # Certify with the stale (too small) bound L = 1: the attack must refute some radii.
     pred, radius = liptorch.certified_radius(model, x, tau=0.0, lipschitz=1.0 / 1.1 / 1.1)
     res = attack_certificates(model, x, radius, pred=pred, steps=60, restarts=2, clamp=None)
+    assert res["n_violations"] > 0
+
+
+def test_certificates_of_a_circular_soc_model_survive_a_strong_attack():
+    """Radii from the circular SOC layers' bounds (the exact norm of their frequency
+    matrices) are not broken by PGD + min-norm attacks, which do break 3× larger radii."""
+    from liptorch.attacks import attack_certificates
+
+    torch.manual_seed(5)
+    model, shape = small_models()["soc-circular"]
+    model = _train_a_bit(model.double(), shape)
+    x = torch.rand(24, *shape, dtype=torch.float64)
+    pred, radius = liptorch.certified_radius(model, x)
+    assert (radius > 0).sum() >= 12
+    res = attack_certificates(model, x, radius, pred=pred, steps=40, restarts=2, min_norm_steps=60, clamp=None,
+                              generator=torch.Generator().manual_seed(6))
+    assert res["n_violations"] == 0
+    res = attack_certificates(model, x, 3 * radius, pred=pred, steps=40, restarts=2, min_norm_steps=60, clamp=None,
+                              generator=torch.Generator().manual_seed(7))
     assert res["n_violations"] > 0

@@ -602,3 +602,46 @@ def test_bad_inputs():
     three = BCOPConv2d(3, 3, 3, stride=3)
     with pytest.raises(ValueError, match="multiples of 3"):
         three(torch.randn(1, 3, 6, 7))
+
+
+@pytest.mark.parametrize(
+    "c_in,c_out,k,stride,n",
+    [(4, 4, 3, 1, 6), (3, 6, 2, 1, 5), (6, 4, 4, 2, 8), (2, 5, 4, 2, 6), (4, 4, 5, 1, 3), (3, 3, 6, 2, 4), (5, 3, 3, 1, 7)],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fft_training_path_equals_the_direct_convolution(c_in, c_out, k, stride, n, bias):
+    """conv_impl='fft' (per-frequency GEMMs, used by 'auto' for wide layers on small
+    images) gives the direct circular convolution's output and gradients (input,
+    matrices, bias) to float64 rounding, for odd and even kernels, strides, channel
+    changes, odd sizes and images smaller than the kernel."""
+    torch.manual_seed(k + 10 * stride + n)
+    direct = BCOPConv2d(c_in, c_out, k, stride=stride, bias=bias, conv_impl="direct").double()
+    fft = BCOPConv2d(c_in, c_out, k, stride=stride, bias=bias, conv_impl="fft").double()
+    fft.load_state_dict(direct.state_dict())
+    x = torch.randn(3, c_in, n, n, dtype=torch.float64)
+    outs = []
+    for layer in (direct, fft):
+        xl = x.clone().requires_grad_()
+        y = layer(xl)
+        leaves = [xl, layer.matrices] + ([layer.bias] if bias else [])
+        outs.append((y, torch.autograd.grad(y.square().sum(), leaves)))
+    (yd, gd), (yf, gf) = outs
+    torch.testing.assert_close(yf, yd, rtol=0, atol=1e-12)
+    for a, b in zip(gf, gd):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_conv_impl_auto_rule_eval_path_and_validation():
+    wide = BCOPConv2d(64, 64, 3)
+    x16, x32 = torch.empty(1, 64, 16, 16), torch.empty(1, 64, 32, 32)
+    assert wide._use_fft(x16) and not wide._use_fft(x32)  # small image: FFT; 32×32: direct
+    assert not BCOPConv2d(16, 16, 3)._use_fft(torch.empty(1, 16, 16, 16))  # narrow: direct
+    assert not BCOPConv2d(64, 64, 2, stride=2)._use_fft(torch.empty(1, 256, 8, 8))  # 1×1 inner kernel
+    with torch.no_grad():
+        assert not wide._use_fft(x16)  # no graph: the direct (eval-style) convolution
+    wide.eval()
+    assert not wide._use_fft(x16)
+    forced = BCOPConv2d(4, 4, 3, conv_impl="fft")
+    assert forced._use_fft(torch.empty(1, 4, 32, 32)) and "conv_impl='fft'" in repr(forced)
+    with pytest.raises(ValueError, match="conv_impl must be 'auto', 'direct' or 'fft'"):
+        BCOPConv2d(4, 4, 3, conv_impl="winograd")

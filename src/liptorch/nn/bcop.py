@@ -52,6 +52,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..ops.fft import as_size, circular_kernel_spectrum
+from ..ops.freq_major import irfft2_freq_major, kernel_spectrum_rows, memo_tap_phases, rfft2_freq_major
 from ..ops.linalg import round_up
 from ..ops.orthogonalize import bjorck_backward_pass, bjorck_forward_pass, limit_threads, serial_for
 from .base import LipschitzModule, check_positive_int
@@ -470,10 +471,20 @@ class BCOPConv2d(BjorckSettings, LipschitzModule):
 
     Padding is always circular: k // 2 pixels before and (k − 1) // 2 after (even kernels
     wrap one more pixel in front).  ``kernel_size`` must be a multiple of ``stride`` or
-    smaller than it.  The forward is one ``F.conv2d`` with the assembled kernel (cached
-    in eval mode).  Memory format of the output: in training (a graph is recorded) that
-    of the input (after the unshuffle, which yields channels_last); without a graph
-    channels_last.
+    smaller than it.  In eval mode the forward is one ``F.conv2d`` with the cached
+    assembled kernel, on a channels_last padded input (the output is channels_last).
+
+    Training forwards (a graph is recorded) compute the same circular convolution in
+    one of two ways, chosen by ``conv_impl``: ``"direct"`` pads and convolves in the
+    input's memory layout (:func:`circular_conv2d`); ``"fft"`` applies the kernel's
+    per-frequency c_in×c_out matrices (rfft2, one batched complex GEMM, irfft2; exact
+    gradients through the hand-written FFT adjoints), ≈ k²/4 times fewer multiply-adds
+    than the direct convolution, which pays off once the channels are wide and the
+    image small.  ``"auto"`` (default) takes ``"fft"`` on CPU when the inner kernel is
+    larger than 1×1, min(s²·c_in, c_out) ≥ 48 and H·W ≤ 256 after the unshuffle (a
+    rule measured on an AVX2 CPU: 64 channels at 16×16, batch 64, train step 0.98× of a
+    plain ``nn.Conv2d`` against 1.20× for direct; 16–32 channels or 32×32 images favour
+    direct), else ``"direct"``.  The map, its bound and eval are the same either way.
 
     Björck: ``bjorck_iters`` iterations (at most; see ``bjorck_early_stop``) of order 1 or
     2 from W / s, s = a power-iteration estimate of σ_max started from a fixed vector
@@ -501,6 +512,7 @@ class BCOPConv2d(BjorckSettings, LipschitzModule):
         bjorck_scale: str = "power",
         *,
         bjorck_early_stop: bool = True,
+        conv_impl: str = "auto",
     ) -> None:
         super().__init__()
         in_channels = check_positive_int("in_channels", in_channels)
@@ -516,6 +528,10 @@ class BCOPConv2d(BjorckSettings, LipschitzModule):
         if not isinstance(bias, bool):
             raise ValueError(f"bias must be True or False, got {bias!r}")
         self._init_bjorck(bjorck_iters, bjorck_order, bjorck_scale, bjorck_early_stop)
+        if conv_impl not in ("auto", "direct", "fft"):
+            raise ValueError(f"conv_impl must be 'auto', 'direct' or 'fft', got {conv_impl!r}")
+        #: how training forwards compute the circular convolution (see the class docstring)
+        self.conv_impl = conv_impl
 
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -563,10 +579,36 @@ class BCOPConv2d(BjorckSettings, LipschitzModule):
         """The kernel (c_out, s²·c_in, k', k') the forward uses in the current mode."""
         return self.operator()
 
+    def _use_fft(self, x: torch.Tensor) -> bool:
+        impl = self.conv_impl
+        if impl == "direct" or self.inner_kernel_size == 1 or not (self.training and torch.is_grad_enabled()):
+            return False
+        if impl == "fft":
+            return True
+        return (
+            x.device.type == "cpu"
+            and min(self.inner_in_channels, self.out_channels) >= 48
+            and x.shape[-2] * x.shape[-1] <= 256
+        )
+
+    def _apply_fft(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        """The circular convolution as per-frequency GEMMs (training path, differentiable)."""
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        cd = torch.complex128 if kernel.dtype == torch.float64 else torch.complex64
+        k, p = self.inner_kernel_size, self.padding[0]
+        phases = memo_tap_phases(self.__dict__.setdefault("_phase_memo", {}), (k, k), (h, w), (p, p), kernel.device, cd)
+        k1 = kernel_spectrum_rows(kernel, phases)  # row form: ŷᵀ = x̂ᵀ·k1
+        yh = torch.bmm(rfft2_freq_major(x), k1)
+        if self.bias is not None:
+            yh[0] = yh[0] + self.bias * float(h * w)  # a per-channel constant lives at frequency 0
+        return irfft2_freq_major(yh, (h, w)).contiguous()
+
     def apply_operator(self, x: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
         s = self.stride[0]
         if s > 1:
             x = pixel_unshuffle(x, s)
+        if self._use_fft(x):
+            return self._apply_fft(x, op)
         before, after = self.padding
         # Training follows the input's layout (NCHW makes oneDNN's weight gradient faster);
         # eval pads into NHWC, the faster inference forward (see the module docstring).
@@ -610,4 +652,5 @@ class BCOPConv2d(BjorckSettings, LipschitzModule):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"bias={self.bias is not None}, " + self._bjorck_repr()
+            + (f", conv_impl={self.conv_impl!r}" if self.conv_impl != "auto" else "")
         )

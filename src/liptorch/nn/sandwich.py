@@ -37,6 +37,7 @@ from ..ops.cayley import cayley_residual_norm, cayley_rows, fold_sandwich_scales
 from ..ops.freq_major import (
     hermitian_symmetrize,
     irfft2_freq_major,
+    kernel_spectrum_rows,
     rfft2_freq_major,
     tap_gram_weights,
     tap_phase_matrix,
@@ -494,10 +495,8 @@ class SandwichConv2d(LipschitzModule):
         cd = _complex_of(wd)
         ph, _ = self._phases(self.weight.device, cd)
         w = self.weight.to(wd)
-        q, c = w.shape[:2]
         scaled = w * (self.alpha.to(wd) / self._spectrum_norm(w, wd).clamp_min(torch.finfo(wd).tiny))
-        taps = scaled.transpose(0, 1).reshape(c * q, -1).mT.to(cd)  # (k², c·q), row (i, o)
-        return (ph @ taps).view(-1, c, q)
+        return kernel_spectrum_rows(scaled, ph)
 
     def _free_rows(self, wd: torch.dtype) -> torch.Tensor:
         """[X; Y] for the Cayley step: (F, q+p, q) complex, or (q+p, q) real for 1×1."""

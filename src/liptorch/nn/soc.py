@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.fft import as_size, circular_conv_norm
-from ..ops.freq_major import hermitian_symmetrize, irfft2_freq_major, rfft2_freq_major, tap_phase_matrix
+from ..ops.freq_major import (
+    hermitian_symmetrize,
+    irfft2_freq_major,
+    kernel_spectrum_rows,
+    memo_tap_phases,
+    rfft2_freq_major,
+)
 from ..ops.linalg import round_up, spectral_norm
 from ..ops.taylor import (
     conv_exp,
@@ -112,7 +118,9 @@ class SOCConv2d(LipschitzModule):
     max_f σ_max(S[f]) by fp64 SVD (no Taylor tail needed); without an input size it
     falls back to 1 + ρ^K/K! with the size-free Fantastic-Four ρ.  ``fast_backward``
     does not apply (it is rejected at construction and ignored if set later).  With a
-    1×1 kernel both paddings are the same map and the direct path is used.
+    1×1 kernel both paddings are the same map and the direct path is used.  Memory: the
+    operator holds H·(W//2+1)·s²c_in·c_out complex numbers (4.7 MB for 64 channels at
+    16×16 in float32), and training keeps K − 1 such tensors for the backward.
 
     **Backward.**  By default plain autograd through the K−1 Horner convolutions (exact;
     channels-last tensors on CPU, where oneDNN is fastest; double backward works).  The
@@ -310,17 +318,6 @@ class SOCConv2d(LipschitzModule):
         # the batch are cheaper than FFTs, so they keep the direct path.
         return self.padding_mode == "circular" and self.kernel_size > 1
 
-    def _phases(self, size: tuple[int, int], device, cdtype) -> torch.Tensor:
-        memo = self.__dict__.setdefault("_phase_memo", {})
-        key = (size, str(device), cdtype)
-        ph = memo.get(key)
-        if ph is None:
-            if len(memo) >= 8:
-                memo.clear()
-            k = self.kernel_size
-            ph = memo[key] = tap_phase_matrix((k, k), size).to(device=device, dtype=cdtype)
-        return ph
-
     def frequency_operator(self, op: torch.Tensor, size, terms: int, precise: bool = True) -> torch.Tensor:
         """S_K(Â[f]) for ``padding_mode="circular"`` at ``size`` (after the unshuffle), in
         row form (ŷ[f]ᵀ = x̂[f]ᵀ·S[f]) and restricted to the used block: shape
@@ -333,9 +330,8 @@ class SOCConv2d(LipschitzModule):
         cd = torch.complex128 if precise else out_dtype
         c, k = self.channels, self.kernel_size
         cin, cout = self.in_channels_eff, self.out_channels
-        ph = self._phases((h, w), op.device, cd)
-        taps = op.to(cd).transpose(0, 1).reshape(c * c, k * k).mT  # (k², c·c), column (i, o)
-        a = (ph @ taps).view(-1, c, c)  # a[f][i, o] = Â[f][o, i]
+        ph = memo_tap_phases(self.__dict__.setdefault("_phase_memo", {}), (k, k), (h, w), None, op.device, cd)
+        a = kernel_spectrum_rows(op.to(cd), ph)  # a[f][i, o] = Â[f][o, i]
         eye = torch.eye(c, dtype=cd, device=op.device)
         t = None  # Horner: T_i = I + a·T_{i+1}/i, T_K = I, S = T_1
         for i in range(terms - 1, 1, -1):

@@ -40,6 +40,8 @@ __all__ = [
     "irfft2_freq_major",
     "freq_count",
     "hermitian_symmetrize",
+    "kernel_spectrum_rows",
+    "memo_tap_phases",
     "tap_phase_matrix",
     "tap_gram_weights",
 ]
@@ -283,3 +285,25 @@ def hermitian_symmetrize(k: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
         col = kv[:, j]
         kv[:, j] = (col + col[rows].conj()) * 0.5
     return k
+
+
+def memo_tap_phases(memo: dict, kernel_size, size, offset, device, dtype, slots: int = 8) -> torch.Tensor:
+    """:func:`tap_phase_matrix` converted to ``device``/``dtype``, kept in ``memo`` (a
+    plain dict owned by the caller, emptied when it holds ``slots`` entries)."""
+    key = (tuple(kernel_size), tuple(size), None if offset is None else tuple(offset), str(device), dtype)
+    ph = memo.get(key)
+    if ph is None:
+        if len(memo) >= slots:
+            memo.clear()
+        ph = memo[key] = tap_phase_matrix(kernel_size, size, offset).to(device=device, dtype=dtype)
+    return ph
+
+
+def kernel_spectrum_rows(kernel: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
+    """Per-frequency matrices of the cross-correlation ``kernel`` (c_out, c_in, kh, kw) in
+    row form: (F, c_in, c_out) with ŷ[f]ᵀ = x̂[f]ᵀ·K[f], from ``phases`` (F, kh·kw) of
+    :func:`tap_phase_matrix` (one (F × k²)·(k² × c_in·c_out) GEMM; differentiable)."""
+    co, ci = kernel.shape[:2]
+    taps = kernel.transpose(0, 1).reshape(ci * co, -1).mT.to(phases.dtype)  # column (i, o)
+    return (phases @ taps).view(-1, ci, co)
+
