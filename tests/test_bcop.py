@@ -637,6 +637,8 @@ def test_conv_impl_auto_rule_eval_path_and_validation():
     assert wide._use_fft(x16) and not wide._use_fft(x32)  # small image: FFT; 32×32: direct
     assert not BCOPConv2d(16, 16, 3)._use_fft(torch.empty(1, 16, 16, 16))  # narrow: direct
     assert not BCOPConv2d(64, 64, 2, stride=2)._use_fft(torch.empty(1, 256, 8, 8))  # 1×1 inner kernel
+    assert not BCOPConv2d(64, 64, 4, stride=2)._use_fft(torch.empty(1, 256, 8, 8))  # 2×2 inner kernel
+    assert BCOPConv2d(64, 64, 5)._use_fft(x16)
     with torch.no_grad():
         assert not wide._use_fft(x16)  # no graph: the direct (eval-style) convolution
     wide.eval()

@@ -703,3 +703,26 @@ def test_circular_gradient_norm_preservation_and_fast_backward_refused():
     with pytest.raises(ValueError, match="fast_backward"):
         SOCConv2d(4, 4, 3, padding_mode="circular", fast_backward=True)
     assert "padding_mode='circular'" in repr(layer)
+
+
+@pytest.mark.parametrize("k,stride,c_in,c_out,n", [(3, 1, 8, 8, 5), (3, 2, 3, 10, 6), (5, 1, 10, 7, 4)])
+def test_circular_batch_route_equals_the_matrix_route(k, stride, c_in, c_out, n):
+    """Training batches of at most half the channels accumulate the terms on the batch
+    spectrum instead of building S_K(Â) — same output and gradients (float64)."""
+    layer = make_layer(c_in, c_out, k, stride=stride, seed=n, padding_mode="circular")
+    x = torch.randn(2, c_in, n, n, dtype=F64)  # 2·N ≤ c: the batch route
+    assert 2 * x.shape[0] <= layer.channels
+    results = []
+    for force_matrix in (False, True):
+        twin = copy.deepcopy(layer)
+        if force_matrix:  # the matrix route, as taken for larger batches
+            twin._batch_terms = lambda op, xh, size, terms, t=twin: torch.bmm(
+                xh, t.frequency_operator(op, size, terms, precise=False)
+            )
+        xl = x.clone().requires_grad_()
+        y = twin(xl)
+        results.append((y, torch.autograd.grad(y.square().sum(), [xl, twin.weight, twin.bias])))
+    (y1, g1), (y2, g2) = results
+    torch.testing.assert_close(y1, y2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)

@@ -479,12 +479,13 @@ class BCOPConv2d(BjorckSettings, LipschitzModule):
     input's memory layout (:func:`circular_conv2d`); ``"fft"`` applies the kernel's
     per-frequency c_in×c_out matrices (rfft2, one batched complex GEMM, irfft2; exact
     gradients through the hand-written FFT adjoints), ≈ k²/4 times fewer multiply-adds
-    than the direct convolution, which pays off once the channels are wide and the
-    image small.  ``"auto"`` (default) takes ``"fft"`` on CPU when the inner kernel is
-    larger than 1×1, min(s²·c_in, c_out) ≥ 48 and H·W ≤ 256 after the unshuffle (a
-    rule measured on an AVX2 CPU: 64 channels at 16×16, batch 64, train step 0.98× of a
-    plain ``nn.Conv2d`` against 1.20× for direct; 16–32 channels or 32×32 images favour
-    direct), else ``"direct"``.  The map, its bound and eval are the same either way.
+    than the direct convolution, which pays off once the kernel is large, the channels
+    wide and the image small.  ``"auto"`` (default) takes ``"fft"`` on CPU when, after
+    the unshuffle, the kernel is at least 3×3, min(s²·c_in, c_out) ≥ 48 and H·W ≤ 256,
+    else ``"direct"`` — a rule measured on an AVX2 CPU (train step, 64 channels at
+    16×16, batch 64: 3×3 0.98× of a plain ``nn.Conv2d`` with FFT against 1.20× direct,
+    5×5 30.5 ms against 80.5 ms; 2×2 kernels, 16–32 channels or 32×32 images favour
+    direct).  The map, its bound and eval are the same either way.
 
     Björck: ``bjorck_iters`` iterations (at most; see ``bjorck_early_stop``) of order 1 or
     2 from W / s, s = a power-iteration estimate of σ_max started from a fixed vector
@@ -587,6 +588,7 @@ class BCOPConv2d(BjorckSettings, LipschitzModule):
             return True
         return (
             x.device.type == "cpu"
+            and self.inner_kernel_size >= 3
             and min(self.inner_in_channels, self.out_channels) >= 48
             and x.shape[-2] * x.shape[-1] <= 256
         )
