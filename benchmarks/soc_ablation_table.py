@@ -12,6 +12,7 @@ LABELS = {
     "manifold-pool": "+ ManifoldPool (`--pool manifold`, NeurIPS-2022 layout)",
     "max-pool": "control: max pool, same layout (`--pool max`)",
     "fast-backward": "+ fast backward (`--fast-backward`)",
+    "circular": "circular padding (`--model-arg padding_mode=circular`; not the papers' layer)",
 }
 
 
