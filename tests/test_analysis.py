@@ -103,3 +103,19 @@ def test_certificates_of_a_circular_soc_model_survive_a_strong_attack():
     res = attack_certificates(model, x, 3 * radius, pred=pred, steps=40, restarts=2, min_norm_steps=60, clamp=None,
                               generator=torch.Generator().manual_seed(7))
     assert res["n_violations"] > 0
+
+
+@pytest.mark.parametrize("name", ["bcop", "soc", "soc-circular", "sandwich", "lbdn"])
+def test_caches_built_under_inference_mode_serve_attacks(name):
+    """A model first evaluated under torch.inference_mode (cached operators built there)
+    can afterwards be attacked: an eval forward that records a graph and backpropagates
+    to the input works and gives the same outputs."""
+    model, shape = small_models()[name]
+    model = _train_a_bit(model.double(), shape)
+    x = torch.rand(3, *shape, dtype=torch.float64)
+    with torch.inference_mode():
+        y_inf = model(x)
+    xg = x.clone().requires_grad_()
+    y = model(xg)
+    (gx,) = torch.autograd.grad(y.sum(), xg)
+    assert torch.equal(y.detach(), y_inf) and torch.isfinite(gx).all()

@@ -647,3 +647,28 @@ def test_conv_impl_auto_rule_eval_path_and_validation():
     assert forced._use_fft(torch.empty(1, 4, 32, 32)) and "conv_impl='fft'" in repr(forced)
     with pytest.raises(ValueError, match="conv_impl must be 'auto', 'direct' or 'fft'"):
         BCOPConv2d(4, 4, 3, conv_impl="winograd")
+
+
+def test_inference_mode_then_graph_passes_empty_batches_and_reduced_precision():
+    """Buffers and caches made under torch.inference_mode (the eval pad workspace, the
+    cached kernel) keep serving no-grad and graph-recording passes; the FFT training
+    path handles an empty batch (it falls back to direct) and refuses reduced precision
+    clearly, while 'auto' falls back to direct for it."""
+    torch.manual_seed(21)
+    layer = BCOPConv2d(6, 6, 3).eval()
+    x = torch.randn(2, 6, 5, 5)
+    with torch.inference_mode():
+        y_inf = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y_inf)  # reuses the workspace made in inference mode
+    xg = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(layer(xg).square().sum(), xg)
+    assert gx.shape == x.shape
+    wide = BCOPConv2d(64, 64, 3)
+    assert wide(torch.randn(0, 64, 8, 8)).shape == (0, 64, 8, 8)
+    fft = BCOPConv2d(4, 4, 3, conv_impl="fft").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="conv_impl='fft' needs float32 or float64"):
+        fft(torch.randn(1, 4, 6, 6, dtype=torch.bfloat16))
+    auto = BCOPConv2d(64, 64, 3).to(torch.bfloat16)
+    assert not auto._use_fft(torch.empty(1, 64, 8, 8, dtype=torch.bfloat16))
+    assert auto(torch.randn(2, 64, 8, 8, dtype=torch.bfloat16)).shape == (2, 64, 8, 8)

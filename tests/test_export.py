@@ -106,6 +106,7 @@ LAYERS = {
     "soc-stride2-shrink": (lambda: SOCConv2d(4, 10, 3, stride=2), (4, 4, 4)),
     "soc-circular": (lambda: SOCConv2d(3, 6, 3, padding_mode="circular"), (3, 6, 5)),
     "soc-circular-stride2-shrink": (lambda: SOCConv2d(4, 10, 3, stride=2, padding_mode="circular"), (4, 4, 6)),
+    "soc-circular-k5-tiny": (lambda: SOCConv2d(3, 3, 5, padding_mode="circular"), (3, 1, 2)),
     "sandwich-linear": (lambda: SandwichLinear(6, 5, scale=2.0), (6,)),
     "sandwich-linear-tanh": (lambda: SandwichLinear(6, 4, activation="tanh"), (6,)),
     "sandwich-linear-id": (lambda: SandwichLinear(6, 4, activation=None), (6,)),

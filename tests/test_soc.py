@@ -726,3 +726,35 @@ def test_circular_batch_route_equals_the_matrix_route(k, stride, c_in, c_out, n)
     torch.testing.assert_close(y1, y2, rtol=1e-12, atol=1e-12)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+
+
+def test_circular_after_inference_mode_empty_batch_reduced_precision_and_pickling():
+    """Memos filled under torch.inference_mode still serve training and graph-recording
+    eval passes (attacks); an empty batch gives an empty output; reduced precision is a
+    clear error; copies do not carry the derived frequency matrices."""
+    layer = make_layer(4, 4, 3, seed=12, padding_mode="circular")
+    x = torch.randn(8, 4, 4, 4, dtype=F64)
+    layer.eval()
+    with torch.inference_mode():
+        y_inf = layer(x)
+        layer.lipschitz_bound((4, 4))
+    xg = x.clone().requires_grad_()
+    y = layer(xg)  # eval with a graph, reusing the memo built in inference mode
+    (gx,) = torch.autograd.grad(y.square().sum(), xg)
+    assert torch.equal(y.detach(), y_inf) and gx.shape == x.shape
+    layer.train()
+    layer(x).square().sum().backward()  # training after inference mode (float64: same phase memo key)
+    assert layer.weight.grad is not None
+    for mode in (True, False):
+        layer.train(mode)
+        out = layer(torch.randn(0, 4, 4, 4, dtype=F64))
+        assert out.shape == (0, 4, 4, 4)
+    half = SOCConv2d(4, 4, 3, padding_mode="circular").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        half(torch.randn(1, 4, 4, 4, dtype=torch.bfloat16))
+    layer.eval()
+    layer(x)
+    assert layer.__dict__.get("_freq_memo") is not None
+    twin = copy.deepcopy(layer)
+    assert "_freq_memo" not in twin.__dict__ and "_phase_memo" not in twin.__dict__
+    torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)

@@ -128,7 +128,7 @@ class SkewExpConv2d(nn.Module):
     rows of L.  ``in_channels`` is the channel count of the input (≤ c).  On CPU the
     float32/bfloat16 work runs in channels_last memory, as the original layer does.  A
     circular ``SOCConv2d`` evaluates the same map frequency by frequency; here it is the
-    direct Horner form (equal up to rounding; circular padding needs H, W ≥ k // 2).
+    direct Horner form (equal up to rounding, at every input size).
     """
 
     def __init__(
@@ -172,7 +172,13 @@ class SkewExpConv2d(nn.Module):
     def _conv(self, z: torch.Tensor, filt: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         p = self.padding
         if self.circular and p > 0:
-            return F.conv2d(F.pad(z, [p, p, p, p], mode="circular"), filt, bias)
+            h, w = z.shape[2], z.shape[3]
+            if p <= h and p <= w:
+                return F.conv2d(F.pad(z, [p, p, p, p], mode="circular"), filt, bias)
+            # images smaller than the padding wrap more than once (F.pad cannot)
+            rows = torch.remainder(torch.arange(-p, h + p, device=z.device), h)
+            cols = torch.remainder(torch.arange(-p, w + p, device=z.device), w)
+            return F.conv2d(z.index_select(2, rows).index_select(3, cols), filt, bias)
         return F.conv2d(z, filt, bias, 1, p)
 
     def extra_repr(self) -> str:

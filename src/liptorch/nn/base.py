@@ -85,7 +85,9 @@ class LipschitzModule(nn.Module):
         cache = self._op_cache
         if cache is not None and cache[0] == key:
             return cache[1]
-        with torch.no_grad():
+        # Built as a normal tensor even under torch.inference_mode, so that a later eval
+        # pass that records a graph (an attack) can save it for backward.
+        with torch.inference_mode(False), torch.no_grad():
             op = self.compute_operator()
         # The key is recomputed after the computation: it must not have moved.
         object.__setattr__(self, "_op_cache", (self._cache_key(), op))

@@ -426,7 +426,8 @@ def _pad_workspace(x: torch.Tensor, before: int, after: int, channels_last: bool
         slots = _WORKSPACE.slots = {}
     buf = slots.pop(key, None)
     if buf is None:
-        buf = torch.empty(key[:4], dtype=x.dtype)
+        with torch.inference_mode(False):  # a normal tensor: reusable outside inference mode
+            buf = torch.empty(key[:4], dtype=x.dtype)
         if len(slots) >= _WORKSPACE_SLOTS:
             slots.pop(next(iter(slots)))
     slots[key] = buf  # most recently used last
@@ -584,10 +585,13 @@ class BCOPConv2d(BjorckSettings, LipschitzModule):
         impl = self.conv_impl
         if impl == "direct" or self.inner_kernel_size == 1 or not (self.training and torch.is_grad_enabled()):
             return False
+        if x.shape[0] == 0:
+            return False  # nothing to transform; the direct path handles an empty batch
         if impl == "fft":
             return True
         return (
             x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
             and self.inner_kernel_size >= 3
             and min(self.inner_in_channels, self.out_channels) >= 48
             and x.shape[-2] * x.shape[-1] <= 256
@@ -634,8 +638,18 @@ class BCOPConv2d(BjorckSettings, LipschitzModule):
         s = self.stride[0]
         if h < 1 or w < 1 or h % s or w % s:
             raise ValueError(f"{name} with stride {s} needs H and W positive multiples of {s}, got {h}x{w}")
+        if self.conv_impl == "fft" and x.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"{name} with conv_impl='fft' needs float32 or float64 (torch.fft has no {x.dtype} CPU kernels); "
+                "use conv_impl='auto' or 'direct'"
+            )
 
     # -- bound ----------------------------------------------------------------------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_phase_memo", None)  # derived, rebuilt on demand
+        return state
+
     def compute_lipschitz_bound(self, op: torch.Tensor, input_size) -> float:
         if input_size is None:
             raise ValueError(

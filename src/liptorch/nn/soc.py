@@ -119,7 +119,9 @@ class SOCConv2d(LipschitzModule):
     max_f σ_max(S[f]) by fp64 SVD (no Taylor tail needed); without an input size it
     falls back to 1 + ρ^K/K! with the size-free Fantastic-Four ρ.  ``fast_backward``
     does not apply (it is rejected at construction and ignored if set later).  With a
-    1×1 kernel both paddings are the same map and the direct path is used.  Memory: the
+    1×1 kernel both paddings are the same map and the direct path is used.  Unlike the
+    zero-padded default it has no double backward (the FFT adjoints are first order)
+    and needs float32 or float64 (no reduced-precision FFTs on CPU).  Memory: the
     operator holds H·(W//2+1)·s²c_in·c_out complex numbers (4.7 MB for 64 channels at
     16×16 in float32), and training keeps K − 1 such tensors for the backward.
 
@@ -351,7 +353,8 @@ class SOCConv2d(LipschitzModule):
         memo = self.__dict__.get("_freq_memo")
         if memo is not None and memo[0] is op and memo[1] == (size, terms):
             return memo[2]
-        s = self.frequency_operator(op, size, terms, precise=True)
+        with torch.inference_mode(False):  # a normal tensor, reusable by passes that record a graph
+            s = self.frequency_operator(op, size, terms, precise=True)
         self.__dict__["_freq_memo"] = (op, (size, terms), s)
         return s
 
@@ -375,6 +378,8 @@ class SOCConv2d(LipschitzModule):
         if self.stride == 2:
             x = F.pixel_unshuffle(x, 2)
         size = (int(x.shape[-2]), int(x.shape[-1]))
+        if x.shape[0] == 0:
+            return x.new_zeros((0, self.out_channels) + size)
         xh = rfft2_freq_major(x)  # (F, N, s²c_in); the channel padding is never materialised
         n, c = xh.shape[1], self.channels
         # Training with a batch at most half the channel count: the terms on the batch
@@ -404,6 +409,11 @@ class SOCConv2d(LipschitzModule):
             raise ValueError(f"SOCConv2d expects a non-empty spatial size, got {h}x{w}")
         if self.stride == 2 and (h % 2 or w % 2):
             raise ValueError(f"SOCConv2d with stride 2 (pixel-unshuffle) needs even H and W, got {h}x{w}")
+        if self._spectral and x.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"SOCConv2d with padding_mode='circular' needs float32 or float64 (torch.fft has no {x.dtype} CPU "
+                "kernels); use padding_mode='zeros' for reduced precision"
+            )
 
     # -- bounds ------------------------------------------------------------------------------
     def _inner_size(self, input_size) -> tuple[int, int] | None:
@@ -439,6 +449,12 @@ class SOCConv2d(LipschitzModule):
         if input_size is None:
             input_size = self.default_input_size()
         return self._rho(self.cached_operator(), input_size)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in ("_phase_memo", "_freq_memo"):  # derived, rebuilt on demand
+            state.pop(name, None)
+        return state
 
     def compute_lipschitz_bound(self, op: torch.Tensor, input_size) -> float:
         size = self._inner_size(input_size)

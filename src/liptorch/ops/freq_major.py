@@ -289,13 +289,16 @@ def hermitian_symmetrize(k: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
 def memo_tap_phases(memo: dict, kernel_size, size, offset, device, dtype, slots: int = 8) -> torch.Tensor:
     """:func:`tap_phase_matrix` converted to ``device``/``dtype``, kept in ``memo`` (a
-    plain dict owned by the caller, emptied when it holds ``slots`` entries)."""
+    plain dict owned by the caller, emptied when it holds ``slots`` entries).  Always a
+    normal tensor (built outside ``torch.inference_mode``), so that a memo filled under
+    inference mode still serves passes that record a graph."""
     key = (tuple(kernel_size), tuple(size), None if offset is None else tuple(offset), str(device), dtype)
     ph = memo.get(key)
     if ph is None:
         if len(memo) >= slots:
             memo.clear()
-        ph = memo[key] = tap_phase_matrix(kernel_size, size, offset).to(device=device, dtype=dtype)
+        with torch.inference_mode(False):
+            ph = memo[key] = tap_phase_matrix(kernel_size, size, offset).to(device=device, dtype=dtype)
     return ph
 
 
