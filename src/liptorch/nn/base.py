@@ -51,6 +51,9 @@ class LipschitzModule(nn.Module):
 
     #: "orthogonal", "contraction" (≤ 1 by construction) or "bounded" (bound measured).
     guarantee: str = "contraction"
+    #: attributes derived from the parameters and rebuilt on demand (memos): dropped on
+    #: copy and pickle, like the operator cache.
+    _derived_state: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -108,6 +111,8 @@ class LipschitzModule(nn.Module):
         state = dict(state)
         state["_op_cache"] = None
         state["_bound_cache"] = {}
+        for name in self._derived_state:
+            state.pop(name, None)
         return state
 
     # -- public -------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..ops.fft import as_size, circular_kernel_spectrum
-from ..ops.freq_major import irfft2_freq_major, kernel_spectrum_rows, memo_tap_phases, rfft2_freq_major
+from ..ops.freq_major import add_dc_bias, irfft2_freq_major, kernel_spectrum_rows, memo_tap_phases, rfft2_freq_major
 from ..ops.linalg import round_up
 from ..ops.orthogonalize import bjorck_backward_pass, bjorck_forward_pass, limit_threads, serial_for
 from .base import LipschitzModule, check_positive_int
@@ -501,6 +501,7 @@ class BCOPConv2d(BjorckSettings, LipschitzModule):
     """
 
     guarantee = "orthogonal"
+    _derived_state = ("_phase_memo",)
 
     def __init__(
         self,
@@ -604,9 +605,7 @@ class BCOPConv2d(BjorckSettings, LipschitzModule):
         k, p = self.inner_kernel_size, self.padding[0]
         phases = memo_tap_phases(self.__dict__.setdefault("_phase_memo", {}), (k, k), (h, w), (p, p), kernel.device, cd)
         k1 = kernel_spectrum_rows(kernel, phases)  # row form: ŷᵀ = x̂ᵀ·k1
-        yh = torch.bmm(rfft2_freq_major(x), k1)
-        if self.bias is not None:
-            yh[0] = yh[0] + self.bias * float(h * w)  # a per-channel constant lives at frequency 0
+        yh = add_dc_bias(torch.bmm(rfft2_freq_major(x), k1), self.bias, (h, w))
         return irfft2_freq_major(yh, (h, w)).contiguous()
 
     def apply_operator(self, x: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
@@ -645,11 +644,6 @@ class BCOPConv2d(BjorckSettings, LipschitzModule):
             )
 
     # -- bound ----------------------------------------------------------------------------
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_phase_memo", None)  # derived, rebuilt on demand
-        return state
-
     def compute_lipschitz_bound(self, op: torch.Tensor, input_size) -> float:
         if input_size is None:
             raise ValueError(

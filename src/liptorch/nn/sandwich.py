@@ -35,6 +35,7 @@ from torch import nn
 
 from ..ops.cayley import cayley_residual_norm, cayley_rows, fold_sandwich_scales, sandwich_residual_bound
 from ..ops.freq_major import (
+    add_dc_bias,
     hermitian_symmetrize,
     irfft2_freq_major,
     kernel_spectrum_rows,
@@ -569,13 +570,7 @@ class SandwichConv2d(LipschitzModule):
         if op.pointwise:
             return self._apply_pointwise(x, op)
         size = self.conv_size
-        dc = float(size[0] * size[1])
-        xh = rfft2_freq_major(x)  # (F, N, p)
-        wh = torch.bmm(xh, op.k1)  # (F, N, q)
-        if op.bias is not None:
-            # A per-channel constant lives only at frequency 0: add H·W·b to the DC row
-            # (one tiny op instead of a pass over the spatial tensor).
-            wh[0].add_(op.bias * dc)
+        wh = add_dc_bias(torch.bmm(rfft2_freq_major(x), op.k1), op.bias, size)  # (F, N, q)
         w = irfft2_freq_major(wh, size)
         if op.linear:
             return w.contiguous()

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..ops.fft import as_size, circular_conv_norm
 from ..ops.freq_major import (
+    add_dc_bias,
     hermitian_symmetrize,
     irfft2_freq_major,
     kernel_spectrum_rows,
@@ -150,6 +151,7 @@ class SOCConv2d(LipschitzModule):
     """
 
     guarantee = "bounded"
+    _derived_state = ("_phase_memo", "_freq_memo")
     #: Exact gradient through a custom autograd Function (True) or plain autograd (False,
     #: the default, which also allows double backward).  Ignored when fast_backward is set.
     custom_backward: bool = False
@@ -321,6 +323,12 @@ class SOCConv2d(LipschitzModule):
         # the batch are cheaper than FFTs, so they keep the direct path.
         return self.padding_mode == "circular" and self.kernel_size > 1
 
+    def _filter_spectrum(self, op: torch.Tensor, size: tuple[int, int], cdtype: torch.dtype) -> torch.Tensor:
+        """Row-form per-frequency matrices of the filter: a[f][i, o] = Â[f][o, i] (F, c, c)."""
+        k = self.kernel_size
+        ph = memo_tap_phases(self.__dict__.setdefault("_phase_memo", {}), (k, k), size, None, op.device, cdtype)
+        return kernel_spectrum_rows(op.to(cdtype), ph)
+
     def frequency_operator(self, op: torch.Tensor, size, terms: int, precise: bool = True) -> torch.Tensor:
         """S_K(Â[f]) for ``padding_mode="circular"`` at ``size`` (after the unshuffle), in
         row form (ŷ[f]ᵀ = x̂[f]ᵀ·S[f]) and restricted to the used block: shape
@@ -331,10 +339,9 @@ class SOCConv2d(LipschitzModule):
         h, w = as_size(size)
         out_dtype = torch.complex128 if op.dtype == torch.float64 else torch.complex64
         cd = torch.complex128 if precise else out_dtype
-        c, k = self.channels, self.kernel_size
+        c = self.channels
         cin, cout = self.in_channels_eff, self.out_channels
-        ph = memo_tap_phases(self.__dict__.setdefault("_phase_memo", {}), (k, k), (h, w), None, op.device, cd)
-        a = kernel_spectrum_rows(op.to(cd), ph)  # a[f][i, o] = Â[f][o, i]
+        a = self._filter_spectrum(op, (h, w), cd)
         eye = torch.eye(c, dtype=cd, device=op.device)
         t = None  # Horner: T_i = I + a·T_{i+1}/i, T_K = I, S = T_1
         for i in range(terms - 1, 1, -1):
@@ -362,10 +369,8 @@ class SOCConv2d(LipschitzModule):
         """ŷ = Σ_{j<K} x̂·a^j/j! accumulated on the batch spectrum (row form), for training
         steps where the batch is small against the channels: K − 1 products of (F, N, c)
         by (F, c, c) instead of K − 1 products of (F, c, c) matrices."""
-        h, w = size
-        c, k, cout = self.channels, self.kernel_size, self.out_channels
-        ph = memo_tap_phases(self.__dict__.setdefault("_phase_memo", {}), (k, k), (h, w), None, op.device, xh.dtype)
-        a = kernel_spectrum_rows(op.to(xh.dtype), ph)
+        c, cout = self.channels, self.out_channels
+        a = self._filter_spectrum(op, size, xh.dtype)
         xc = xh if xh.shape[-1] == c else F.pad(xh, (0, c - xh.shape[-1]))
         out = xc[..., :cout]
         u = xc
@@ -390,10 +395,7 @@ class SOCConv2d(LipschitzModule):
             yh = self._batch_terms(op, xh, size, terms)
         else:
             yh = torch.bmm(xh, self._circular_operator(op, size, terms))  # (F, N, c_out)
-        if self.bias is not None:
-            # a per-channel constant lives at frequency 0 only: add H·W·b there
-            yh[0] = yh[0] + self.bias * float(size[0] * size[1])
-        return irfft2_freq_major(yh, size).contiguous()
+        return irfft2_freq_major(add_dc_bias(yh, self.bias, size), size).contiguous()
 
     def check_input(self, x: torch.Tensor) -> None:
         check_input(self, x, 4, self.in_channels)
@@ -449,12 +451,6 @@ class SOCConv2d(LipschitzModule):
         if input_size is None:
             input_size = self.default_input_size()
         return self._rho(self.cached_operator(), input_size)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        for name in ("_phase_memo", "_freq_memo"):  # derived, rebuilt on demand
-            state.pop(name, None)
-        return state
 
     def compute_lipschitz_bound(self, op: torch.Tensor, input_size) -> float:
         size = self._inner_size(input_size)

@@ -39,6 +39,7 @@ __all__ = [
     "rfft2_freq_major",
     "irfft2_freq_major",
     "freq_count",
+    "add_dc_bias",
     "hermitian_symmetrize",
     "kernel_spectrum_rows",
     "memo_tap_phases",
@@ -285,6 +286,15 @@ def hermitian_symmetrize(k: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
         col = kv[:, j]
         kv[:, j] = (col + col[rows].conj()) * 0.5
     return k
+
+
+def add_dc_bias(yh: torch.Tensor, bias: torch.Tensor | None, size) -> torch.Tensor:
+    """Add a per-channel ``bias`` to the spatial map behind the spectrum ``yh`` (F, N, C),
+    in place, and return ``yh``.  A constant lives only at frequency 0, where the
+    unnormalised DFT holds H·W·b: one tiny op instead of a pass over the spatial tensor."""
+    if bias is not None:
+        yh[0].add_(bias * float(size[0] * size[1]))
+    return yh
 
 
 def memo_tap_phases(memo: dict, kernel_size, size, offset, device, dtype, slots: int = 8) -> torch.Tensor:
